@@ -1,0 +1,139 @@
+"""Turn decoded items (text, image, document page, video frames, audio) into model inputs.
+
+Every item becomes one sequence built from a template (``OmniConfig.query_template`` for queries, which
+carries the task instruction, ``candidate_template`` otherwise). Media become placeholders:
+
+* image / document page: ``<|vision_start|><|image_pad|><|vision_end|>``, expanded and pixel-processed by
+  the backbone's own processor (Qwen3-VL's image processor);
+* video (a ``[T, H, W, 3]`` frame stack): ``<|vision_start|><|video_pad|><|vision_end|>`` through the
+  backbone's video path;
+* audio: ``<|audio_start|>`` + ``n`` × ``<|audio_pad|>`` + ``<|audio_end|>``, where ``n`` is the number of
+  tokens the audio tower will produce; the model writes the projected audio features over those ``n``
+  placeholder embeddings.
+
+Items are described by the dicts that :mod:`omni_lightning.data.schema` decodes: ``{"type": "text",
+"text": ...}``, ``{"type": "image"|"document", "image": HxWx3 uint8}``, ``{"type": "video", "frames":
+TxHxWx3 uint8}``, ``{"type": "audio", "waveform": float32 [n], "sample_rate": int}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from omni_lightning.model.audio import LogMel, audio_token_count
+from omni_lightning.model.config import AUDIO_TOKENS, OmniConfig
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+ITEM_TYPES = ("text", "image", "document", "video", "audio")
+
+
+class OmniProcessor:
+    """Wraps the backbone's processor (tokenizer + image + video processors) and the audio front end."""
+
+    def __init__(self, config: OmniConfig, processor: Any) -> None:
+        self.config = config
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.logmel = LogMel(config.audio_features)
+        self.audio_start, self.audio_end, self.audio_pad = AUDIO_TOKENS
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, config: OmniConfig | None = None) -> "OmniProcessor":
+        from transformers import AutoProcessor
+
+        config = config or OmniConfig.load(directory)
+        processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        return cls(config, processor)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.processor.save_pretrained(str(directory))
+
+    # ------------------------------------------------------------------ text of one item
+    def _content(self, item: dict[str, Any], audio_len: int | None) -> str:
+        kind = item.get("type")
+        if kind == "text":
+            return str(item["text"])
+        if kind in ("image", "document"):
+            return IMAGE_PLACEHOLDER
+        if kind == "video":
+            return VIDEO_PLACEHOLDER
+        if kind == "audio":
+            n = audio_token_count(self.config, audio_len or 0)
+            return self.audio_start + self.audio_pad * n + self.audio_end
+        raise ValueError(f"unknown item type {kind!r}; expected one of {ITEM_TYPES}")
+
+    def __call__(self, items: list[dict[str, Any]], instruction: str | list[str] | None = None) -> dict[str, Tensor]:
+        """Model inputs for a list of items. ``instruction`` (one, or one per item) selects the query template."""
+        if not items:
+            raise ValueError("cannot process an empty list of items")
+        if isinstance(instruction, str) or instruction is None:
+            instructions = [instruction] * len(items)
+        else:
+            instructions = list(instruction)
+            if len(instructions) != len(items):
+                raise ValueError(f"{len(instructions)} instructions for {len(items)} items")
+
+        audio_items = [it for it in items if it.get("type") == "audio"]
+        audio: dict[str, Tensor] = {}
+        audio_lens: list[int] = []
+        if audio_items:
+            feats, lens = self.logmel(
+                [it["waveform"] for it in audio_items], [int(it["sample_rate"]) for it in audio_items]
+            )
+            audio = {"audio_features": feats, "audio_feature_lens": lens}
+            audio_lens = lens.tolist()
+
+        texts, images, videos, metadata = [], [], [], []
+        a = 0
+        for item, instr in zip(items, instructions):
+            n = None
+            if item.get("type") == "audio":
+                n, a = audio_lens[a], a + 1
+            content = self._content(item, n)
+            if instr is None:
+                texts.append(self.config.candidate_template.format(content=content))
+            else:
+                texts.append(self.config.query_template.format(instruction=instr, content=content))
+            if item.get("type") in ("image", "document"):
+                images.append(_rgb(item["image"]))
+            elif item.get("type") == "video":
+                frames = np.asarray(item["frames"])
+                if frames.ndim != 4 or frames.shape[-1] != 3:
+                    raise ValueError(f"video frames must be [T, H, W, 3], got {frames.shape}")
+                videos.append(frames)
+                metadata.append(
+                    {"fps": self.config.video_fps, "total_num_frames": len(frames), "frames_indices": list(range(len(frames)))}
+                )
+
+        kwargs: dict[str, Any] = {}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["video_metadata"] = metadata
+            kwargs["do_sample_frames"] = False
+        out = self.processor(
+            text=texts, padding=True, return_tensors="pt", return_mm_token_type_ids=True, **kwargs
+        )
+        batch = {k: v for k, v in out.items() if isinstance(v, Tensor)}
+        batch.update(audio)
+        return batch
+
+
+def _rgb(image: Any) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3] (or [H, W]), got {arr.shape}")
+    return arr.astype(np.uint8, copy=False)
+
+
+def batch_to(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
