@@ -144,12 +144,15 @@ class OmniEmbedder(nn.Module):
         return F.normalize(emb, dim=-1) if self.config.normalize else emb
 
     @torch.no_grad()
-    def encode(self, processor, items: list[dict], instruction: str | None = None, batch_size: int = 32) -> Tensor:
-        """Embeddings of ``items`` in batches (eval mode is the caller's choice)."""
+    def encode(self, processor, items: list[dict], instruction: str | list[str] | None = None,
+               batch_size: int = 32) -> Tensor:
+        """Embeddings of ``items`` in batches (eval mode is the caller's choice). ``instruction``: one for all
+        items, one per item, or ``None`` for candidates."""
         device = next(self.parameters()).device
         outs = []
         for i in range(0, len(items), batch_size):
-            batch = processor(items[i : i + batch_size], instruction)
+            instr = instruction[i : i + batch_size] if isinstance(instruction, list) else instruction
+            batch = processor(items[i : i + batch_size], instr)
             outs.append(self({k: v.to(device) for k, v in batch.items()}).cpu())
         return torch.cat(outs, 0)
 

@@ -103,7 +103,7 @@ class OmniProcessor:
             if item.get("type") in ("image", "document"):
                 images.append(_rgb(item["image"]))
             elif item.get("type") == "video":
-                frames = np.asarray(item["frames"])
+                frames = np.array(item["frames"], dtype=np.uint8)
                 if frames.ndim != 4 or frames.shape[-1] != 3:
                     raise ValueError(f"video frames must be [T, H, W, 3], got {frames.shape}")
                 videos.append(frames)
@@ -132,7 +132,8 @@ def _rgb(image: Any) -> np.ndarray:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"image must be [H, W, 3] (or [H, W]), got {arr.shape}")
-    return arr.astype(np.uint8, copy=False)
+    arr = arr.astype(np.uint8, copy=False)
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def batch_to(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:

@@ -1,0 +1,6 @@
+"""One LightningModule per phase, all thin, all on :class:`OmniModule` (which owns the contrastive core)."""
+
+from omni_lightning.modules.base import LoraSettings, LossSettings, OmniModule
+from omni_lightning.modules.specialist import SpecialistModule
+
+__all__ = ["LoraSettings", "LossSettings", "OmniModule", "SpecialistModule"]

@@ -1,0 +1,170 @@
+"""``omni-lightning`` — the command line.
+
+Training subcommands go through LightningCLI (``fit``, ``validate``, ``test``, with ``--config`` YAMLs from
+``configs/``); the recipe's other steps are plain subcommands:
+
+    omni-lightning fit --config configs/specialist/image.yaml
+    omni-lightning init-model --preset tiny --out runs/base
+    omni-lightning make-demo-data --out runs/data
+    omni-lightning shard --manifest pairs.jsonl --modality image --split train --out runs/data
+    omni-lightning eval --model runs/image --data runs/data [--out results.json]
+    omni-lightning demo --out runs/demo
+
+Weights move between phases as model directories (``--model.init_args.model DIR``), never through
+``--ckpt_path`` (which restores the checkpoint's saved hyper-parameters over your config and is meant only
+for resuming the same phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    warnings.filterwarnings("ignore", message=".*Found .* module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    from lightning.pytorch.cli import LightningCLI
+
+    from omni_lightning import modules  # noqa: F401  (register short class names)
+    from omni_lightning.data.datamodule import OmniDataModule
+    from omni_lightning.modules.base import OmniModule
+
+    class OmniCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # the datamodule builds inputs with the processor of the model it trains, and splits sides
+            # into GradCache chunks of the module's chunk size
+            parser.link_arguments("model.init_args.model", "data.init_args.model")
+            parser.link_arguments("model.init_args.grad_cache_chunk", "data.init_args.chunk_size")
+
+    return OmniCLI(
+        model_class=OmniModule,
+        datamodule_class=OmniDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+        run=run,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omni-lightning",
+        description="Omni-modal embedding training by the Conan-embedding-v3 recipe. Training phases: "
+        "`omni-lightning fit --config configs/...yaml` (LightningCLI; see `omni-lightning fit --help`).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("init-model", help="write a model directory: the tiny preset or an assembly of local checkpoints")
+    s.add_argument("--out", required=True, help="model directory to write")
+    s.add_argument("--preset", default="tiny", help="embedded preset (default: tiny)")
+    s.add_argument("--backbone", help="local Qwen3-VL / Qwen2-VL / Qwen2.5-VL checkpoint directory")
+    s.add_argument("--audio-encoder", help="local Qwen3-Omni / Qwen3-Omni audio encoder / Whisper checkpoint directory")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of assembled weights")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("make-demo-data", help="write the deterministic demo corpus (webdataset shards)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, default=None, help="train pairs per modality")
+    s.add_argument("--n-eval", type=int, default=None, help="eval pairs per modality")
+    s.add_argument("--modalities", nargs="+", default=None)
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("shard", help="turn a JSONL manifest of pairs into webdataset shards")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--out", required=True, help="dataset root; shards go to OUT/<modality>/<split>/")
+    s.add_argument("--modality", required=True)
+    s.add_argument("--split", default="train")
+    s.add_argument("--max-per-shard", type=int, default=1000)
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("eval", help="retrieval R@1/R@5 of a model on eval shards, per modality")
+    s.add_argument("--model", required=True, help="model directory")
+    s.add_argument("--data", required=True, help="dataset root (with <modality>/eval/ shards)")
+    s.add_argument("--modalities", nargs="+", default=None)
+    s.add_argument("--split", default="eval")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", help="write results as JSON here")
+
+    s = sub.add_parser("demo", help="the main job: tiny base, demo data, four specialists, eval table")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--steps", type=int, default=None, help="training steps per specialist (default: per config)")
+    s.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself from the shell
+        return 0
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    try:
+        return _dispatch(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"omni-lightning {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "init-model":
+        from omni_lightning.model.build import init_model
+
+        out = init_model(args.out, preset=args.preset, backbone=args.backbone, audio_encoder=args.audio_encoder,
+                         seed=args.seed, overwrite=args.overwrite, dtype=args.dtype)
+        print(f"wrote model directory {out}")
+    elif args.command == "make-demo-data":
+        from omni_lightning.data.demo import make_demo_data
+
+        kwargs = {k: v for k, v in (("n_train", args.n_train), ("n_eval", args.n_eval), ("modalities", args.modalities)) if v is not None}
+        summary = make_demo_data(args.out, seed=args.seed, overwrite=args.overwrite, **kwargs)
+        print(json.dumps(summary, indent=2, default=str))
+    elif args.command == "shard":
+        from omni_lightning.data.shards import shard_manifest
+
+        out = shard_manifest(args.manifest, args.out, args.modality, args.split, max_per_shard=args.max_per_shard,
+                             overwrite=args.overwrite)
+        print(f"wrote shards to {out}")
+    elif args.command == "eval":
+        from omni_lightning.evaluation import evaluate_model, format_table
+
+        results = evaluate_model(args.model, args.data, modalities=args.modalities, split=args.split,
+                                 batch_size=args.batch_size)
+        print(format_table({Path(args.model).name: results}))
+        if args.out:
+            from omni_lightning.utils import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(results, indent=2))
+    elif args.command == "demo":
+        from omni_lightning.pipeline import run_demo
+
+        run_demo(args.out, steps=args.steps, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

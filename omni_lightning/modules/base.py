@@ -1,0 +1,284 @@
+"""The base LightningModule every phase stands on: it owns the model, the contrastive core and the loop.
+
+Phases differ only in which parts train and how (full, LoRA, frozen) and what they record when they export;
+they subclass :class:`OmniModule` and stay thin.
+
+Batches (built by :mod:`omni_lightning.data.datamodule`) hold one modality each::
+
+    {"modality": str, "size": B, "labels": [str|None] * B, "num_negatives": K,
+     "query": [chunk inputs...], "pos": [chunk inputs...], "neg": [chunk inputs...] or None, "skipped": int}
+
+Each side is a list of model-input chunks (one chunk unless GradCache is on); ``neg`` holds ``B*K`` items in
+query order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.retrieval import RetrievalHitRate
+
+from omni_lightning.losses import ContrastiveLoss, grad_cache_step
+from omni_lightning.model.config import expand_parts
+from omni_lightning.model.omni import OmniEmbedder
+from omni_lightning.model.processor import OmniProcessor
+
+MODALITIES = ("text", "image", "video", "document", "audio")
+
+
+@dataclass
+class LossSettings:
+    """The contrastive core's options (see :class:`omni_lightning.losses.ContrastiveLoss`)."""
+
+    temperature: float = 0.02  # paper: 0.02
+    learnable_temperature: bool = False
+    symmetric: bool = True  # query→target and target→query averaged (paper, for symmetric pairs)
+    cross_device: bool = True  # all-gather negatives across ranks
+    false_negative_margin: float | None = None  # mask candidates scoring above positive + margin
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (through peft) on every ``nn.Linear`` of the named parts; merged into dense weights on export."""
+
+    parts: list[str] = field(default_factory=lambda: ["backbone"])
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+class OmniModule(LightningModule):
+    """Shared base: loads a model directory, trains the configured parts with the contrastive core, exports.
+
+    Args:
+        model: model directory to start from (weights are handed between phases as directories).
+        export_dir: where the trained model directory is written when fit ends (dense, LoRA merged).
+        train_parts: parts trained in full (names or groups: ``language_model``, ``vision_encoder``,
+            ``audio_encoder``, ``projector``, ``backbone``, ``audio``, ``all``).
+        lora: LoRA settings, or ``None`` for no LoRA.
+        loss: the contrastive core's settings.
+        optimizer: built only from trainable parameters, in named groups.
+        scheduler: optional LR scheduler, stepped every optimizer step.
+        grad_cache_chunk: turn GradCache on with this chunk size (the datamodule splits sides into chunks of
+            this size; the CLI links it).
+        phase: the prefix of logged metric names (``<phase>/<split>/<metric>/<modality>``).
+    """
+
+    phase = "train"
+
+    def __init__(
+        self,
+        model: str,
+        export_dir: str | None = None,
+        train_parts: list[str] | None = None,
+        lora: LoraSettings | None = None,
+        loss: LossSettings | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        grad_cache_chunk: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_dir = str(model)
+        self.export_dir = export_dir
+        self.train_parts = expand_parts(train_parts or [])
+        self.lora_settings = lora
+        self.loss_settings = loss or LossSettings()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.grad_cache_chunk = grad_cache_chunk
+        self.automatic_optimization = grad_cache_chunk is None
+
+        self.model: nn.Module = OmniEmbedder.from_pretrained(self.model_dir)
+        self.omni_config = self.model.config
+        ls = self.loss_settings
+        self.loss_fn = ContrastiveLoss(
+            temperature=ls.temperature,
+            learnable_temperature=ls.learnable_temperature,
+            symmetric=ls.symmetric,
+            cross_device=ls.cross_device,
+            false_negative_margin=ls.false_negative_margin,
+        )
+        self._set_trainable()
+        self.val_r1 = nn.ModuleDict({m: RetrievalHitRate(top_k=1) for m in MODALITIES})
+
+    # ------------------------------------------------------------------ what trains
+    @property
+    def embedder(self) -> OmniEmbedder:
+        """The underlying OmniEmbedder (inside the peft wrapper when LoRA is on)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def _set_trainable(self) -> None:
+        base: OmniEmbedder = self.model  # type: ignore[assignment]
+        base.requires_grad_(False)
+        if self.lora_settings is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora_parts = expand_parts(self.lora_settings.parts)
+            overlap = set(lora_parts) & set(self.train_parts)
+            if overlap:
+                raise ValueError(f"parts {sorted(overlap)} are both in lora.parts and train_parts; pick one")
+            targets = [
+                name
+                for part in lora_parts
+                for name, mod in base.part(part).named_modules(prefix=base.config.parts[part].rstrip("."))
+                if isinstance(mod, nn.Linear)
+            ]
+            if not targets:
+                raise ValueError(f"lora.parts {lora_parts} contain no nn.Linear layer")
+            cfg = LoraConfig(
+                r=self.lora_settings.r,
+                lora_alpha=self.lora_settings.alpha,
+                lora_dropout=self.lora_settings.dropout,
+                target_modules=targets,
+            )
+            self.model = get_peft_model(base, cfg)
+        for part in self.train_parts:
+            base.part(part).requires_grad_(True)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("nothing is trainable: set train_parts and/or lora.parts")
+
+    def trainable_summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                key = "lora" if "lora_" in name else _part_of(name)
+                counts[key] = counts.get(key, 0) + p.numel()
+        return counts
+
+    def configure_optimizers(self) -> Any:
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault("lora" if "lora_" in name else _part_of(name), []).append(p)
+        loss_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if loss_params:
+            groups["temperature"] = loss_params
+        param_groups = [{"params": ps, "name": n} for n, ps in groups.items()]
+        rank_zero_info(
+            "trainable parameters: " + ", ".join(f"{n}={sum(p.numel() for p in ps):,}" for n, ps in groups.items())
+        )
+        opt = self.optimizer_factory(param_groups)
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    # ------------------------------------------------------------------ forward
+    def encode_chunks(self, chunks: list[dict[str, Tensor]]) -> Tensor:
+        return torch.cat([self.model(c) for c in chunks], 0)
+
+    def _loss_on(self, batch: dict[str, Any]):
+        B, K = batch["size"], batch["num_negatives"]
+
+        def loss_fn(q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
+            return self.loss_fn(q, p, None if n is None else n.view(B, K, -1))
+
+        sides = [batch["query"], batch["pos"]] + ([batch["neg"]] if batch.get("neg") else [])
+        return sides, loss_fn
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        sides, loss_fn = self._loss_on(batch)
+        if self.automatic_optimization:
+            loss = loss_fn(*[self.encode_chunks(s) for s in sides])
+        else:
+            opt = self.optimizers()
+            no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+            loss = grad_cache_step(self.model, sides, loss_fn, backward=self.manual_backward, no_sync=no_sync)
+            opt.step()
+            opt.zero_grad()
+            sch = self.lr_schedulers()
+            if sch is not None:
+                sch.step()
+        m = batch["modality"]
+        self.log(f"{self.phase}/train/loss", loss, prog_bar=True, batch_size=batch["size"])
+        self.log(f"{self.phase}/train/loss/{m}", loss, batch_size=batch["size"])
+        self.log(f"{self.phase}/data/skipped", float(batch.get("skipped", 0)), reduce_fx="max", batch_size=batch["size"])
+        if self.loss_settings.learnable_temperature:
+            self.log(f"{self.phase}/train/temperature", self.loss_fn.temperature, batch_size=batch["size"])
+        return loss if self.automatic_optimization else None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        q = self.encode_chunks(batch["query"])
+        p = self.encode_chunks(batch["pos"])
+        scores = q @ p.T
+        labels = batch["labels"]
+        B = scores.shape[0]
+        if all(lab is not None for lab in labels):
+            codes = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
+            lab = torch.tensor([codes[x] for x in labels], device=scores.device)
+            target = lab[:, None] == lab[None, :]
+        else:
+            target = torch.eye(B, dtype=torch.bool, device=scores.device)
+        # indexes must be unique across batches and ranks so queries are never merged
+        offset = (batch_idx * self.trainer.world_size + self.global_rank) * B
+        idx = (torch.arange(B, device=scores.device) + offset)[:, None].expand(B, B)
+        metric = self.val_r1[batch["modality"]]
+        metric.update(scores.flatten(), target.flatten(), indexes=idx.flatten())
+        loss = self.loss_fn(q, p)
+        self.log(f"{self.phase}/val/loss/{batch['modality']}", loss, batch_size=B, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        for m, metric in self.val_r1.items():
+            # every rank takes part in the decision (and in compute's sync) even if it saw no such batch
+            if _any_rank_updated(metric, self):
+                self.log(f"{self.phase}/val/r1/{m}", metric.compute(), sync_dist=False)
+            metric.reset()
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: str | Path, record: dict[str, Any] | None = None) -> Path:
+        """Write a dense model directory (LoRA merged into a copy-free merged model)."""
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+            self.model = model
+        model.config.history.append({"step": self.phase, **(record or {})})
+        processor = OmniProcessor.from_pretrained(self.model_dir, model.config).processor
+        out = model.save_pretrained(directory, processor=processor)
+        rank_zero_info(f"exported {self.phase} model to {out}")
+        return out
+
+    def export_record(self) -> dict[str, Any]:
+        return {
+            "from": self.model_dir,
+            "global_step": int(self.trainer.global_step) if self._trainer is not None else 0,
+            "train_parts": self.train_parts,
+            "lora": None if self.lora_settings is None else vars(self.lora_settings),
+        }
+
+    def on_fit_end(self) -> None:
+        if not self.export_dir:
+            return
+        if self.trainer.is_global_zero:
+            self.export(self.export_dir, self.export_record())
+        self.trainer.strategy.barrier("omni-export")
+
+
+def _part_of(name: str) -> str:
+    name = re.sub(r"^(base_model\.model\.)", "", name)
+    from omni_lightning.model.config import PART_PREFIXES
+
+    for part, prefix in PART_PREFIXES.items():
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def _any_rank_updated(metric, module: LightningModule) -> bool:
+    seen = torch.tensor(float(metric.update_count > 0), device=module.device)
+    if module.trainer.world_size > 1:
+        seen = module.trainer.strategy.reduce(seen, reduce_op="max")
+    return bool(seen > 0)
