@@ -35,6 +35,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*Found .* module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # our IterableDatasets yield exactly len() batches per rank (see data/datamodule.py)
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+    # retrieval metrics are synced by torchmetrics in compute(), not by self.log
+    warnings.filterwarnings("ignore", message=".*It is recommended to use `self.log\\('[a-z]+/val/r1/.*")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):

@@ -122,7 +122,12 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """One finite pass over every modality's eval shards; batch ``b`` goes to rank ``b % world_size``."""
+    """One finite pass over every modality's eval shards, the same number of batches on every rank.
+
+    Batch ``b`` of a modality goes to rank ``b % world_size``; only complete rounds (one batch per rank) are
+    kept, so no rank waits in a collective for a batch another rank never gets. ``max_batches`` bounds the
+    batches per rank and modality. A trailing partial batch is dropped.
+    """
 
     def __init__(self, dirs: dict[str, str], collator: Collator, batch_size: int, max_batches: int | None) -> None:
         super().__init__()
@@ -133,19 +138,28 @@ class EvalStream(IterableDataset):
         rank, world = _rank_world()
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        b = 0
         for m, d in self.dirs.items():
+            total = int(read_index(d)["num_samples"]) // self.batch_size  # upper bound (skips may lower it)
+            rounds = total // world
+            if self.max_batches is not None:
+                rounds = min(rounds, self.max_batches)
+            if rounds == 0:
+                raise ValueError(
+                    f"{d} has {total} eval batches of {self.batch_size}, fewer than the {world} ranks; "
+                    "lower the batch size or add eval samples"
+                )
             buf: list[dict] = []
-            n_mod = 0
+            b = 0
             for sample in iter_samples(d, resampled=False, handler_skips=self.skips, split_nodes=False,
                                        split_workers=False):
                 buf.append(sample)
-                if len(buf) == self.batch_size:
-                    if b % world == rank and (b // world) % nworkers == wid:
-                        yield self.collator(buf, m)
-                    b, buf, n_mod = b + 1, [], n_mod + 1
-                    if self.max_batches is not None and n_mod >= self.max_batches:
-                        break
+                if len(buf) < self.batch_size:
+                    continue
+                if b % world == rank and (b // world) % nworkers == wid:
+                    yield self.collator(buf, m)
+                b, buf = b + 1, []
+                if b >= rounds * world:
+                    break
 
 
 def _rank_world() -> tuple[int, int]:

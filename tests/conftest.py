@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny model directory and one small demo corpus per test session (no network)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from omni_lightning.model.build import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    from omni_lightning.data.demo import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo-data")
+    make_demo_data(root, seed=0, n_train=96, n_eval=48, max_per_shard=48)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, processor) loaded once; tests must not modify the model's weights."""
+    from omni_lightning.model import load_model_and_processor
+
+    model, processor = load_model_and_processor(tiny_model_dir)
+    return model.eval(), processor
+
+
+def demo_items():
+    """One item of every type, built in memory."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [
+        {"type": "text", "text": "a red digit seven"},
+        {"type": "image", "image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)},
+        {"type": "document", "image": rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)},
+        {"type": "video", "frames": rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)},
+        {"type": "audio", "waveform": rng.standard_normal(16000).astype("float32"), "sample_rate": 16000},
+        {"type": "audio", "waveform": rng.standard_normal(4000).astype("float32"), "sample_rate": 8000},
+    ]

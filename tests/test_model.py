@@ -1,0 +1,226 @@
+"""OmniEmbedder: forward per modality, audio splicing, pooling, save/load, model directories, assembly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import demo_items
+from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor, pool
+from omni_lightning.model.audio import audio_token_count, encode_audio
+
+
+def test_forward_every_modality_unit_norm(tiny):
+    model, proc = tiny
+    items = demo_items()
+    batch = proc(items, "Find the matching item.")
+    with torch.no_grad():
+        emb = model(batch)
+    assert emb.shape == (len(items), model.embedding_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(items)))
+    # no two different inputs collapse onto one embedding
+    sims = emb @ emb.T
+    assert (sims - torch.eye(len(items))).max() < 0.9999
+
+
+def test_batched_equals_one_by_one(tiny):
+    """Padding, packing of audio, and image/video pixel batching do not leak across rows."""
+    model, proc = tiny
+    items = demo_items()
+    with torch.no_grad():
+        together = model(proc(items, "instr"))
+        alone = torch.cat([model(proc([it], "instr")) for it in items])
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=0)
+
+
+def test_audio_placeholders_are_replaced_by_projected_features(tiny):
+    model, proc = tiny
+    items = [demo_items()[0], demo_items()[4], demo_items()[5]]
+    batch = proc(items, None)
+    pad = model.config.audio_token_ids["<|audio_pad|>"]
+    n_tokens = [audio_token_count(model.config, int(n)) for n in batch["audio_feature_lens"]]
+    assert (batch["input_ids"] == pad).sum(1).tolist() == [0, *n_tokens]
+
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.backbone.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        handle.remove()
+    embeds = seen["embeds"]
+    with torch.no_grad():
+        expected_audio = model.projector(
+            encode_audio(model.audio_encoder, model.config, batch["audio_features"], batch["audio_feature_lens"])
+        )
+        token_rows = model.backbone.get_input_embeddings()(batch["input_ids"])
+    mask = batch["input_ids"] == pad
+    torch.testing.assert_close(embeds[mask], expected_audio)
+    torch.testing.assert_close(embeds[~mask], token_rows[~mask])
+    # and the placeholder's own embedding is gone
+    assert not torch.allclose(embeds[mask][0], token_rows[mask][0])
+
+
+def test_audio_content_changes_the_embedding(tiny):
+    model, proc = tiny
+    a, b = demo_items()[4], dict(demo_items()[4], waveform=np.zeros(16000, dtype="float32"))
+    with torch.no_grad():
+        ea, eb = model(proc([a, b], None))
+    # a random-init tiny model carries little of the audio to the last token, but it must carry some
+    assert not torch.equal(ea, eb)
+
+
+def test_audio_mismatch_is_a_clear_error(tiny):
+    model, proc = tiny
+    batch = proc([demo_items()[4]], None)
+    batch = {k: v for k, v in batch.items() if not k.startswith("audio_")}
+    with pytest.raises(ValueError, match="audio_pad"):
+        model(batch)
+
+
+def test_pooling_last_and_mean_against_loops():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 4)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    for mask in (right, left):
+        last = torch.stack([h[i, int(torch.nonzero(mask[i])[-1])] for i in range(3)])
+        mean = torch.stack([h[i][mask[i].bool()].mean(0) for i in range(3)])
+        torch.testing.assert_close(pool(h, mask, "last"), last)
+        torch.testing.assert_close(pool(h, mask, "mean"), mean)
+
+
+def test_save_load_bit_exact_and_sharded(tiny, tmp_path):
+    model, proc = tiny
+    d = model.save_pretrained(tmp_path / "single", processor=proc.processor)
+    d2 = model.save_pretrained(tmp_path / "sharded", processor=proc.processor, max_shard_size=200_000)
+    assert (d / "model.safetensors").is_file()
+    index = json.loads((d2 / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ref = model.state_dict()
+    for directory in (d, d2):
+        loaded = OmniEmbedder.from_pretrained(directory).state_dict()
+        assert loaded.keys() == ref.keys()
+        for k in ref:
+            assert loaded[k].dtype == ref[k].dtype and torch.equal(loaded[k], ref[k]), k
+    # the loaded processor builds identical inputs
+    p2 = OmniProcessor.from_pretrained(d2)
+    b1, b2 = proc(demo_items(), "x"), p2(demo_items(), "x")
+    assert b1.keys() == b2.keys() and all(torch.equal(b1[k], b2[k]) for k in b1)
+
+
+def test_model_dir_describes_parts(tiny_model_dir):
+    cfg = OmniConfig.load(tiny_model_dir)
+    model = OmniEmbedder.from_pretrained(tiny_model_dir)
+    names = list(model.state_dict())
+    owned = {part: [n for n in names if n.startswith(prefix)] for part, prefix in cfg.parts.items()}
+    assert all(owned.values()), owned.keys()
+    assert sum(len(v) for v in owned.values()) == len(names)  # every tensor belongs to exactly one part
+    emb = model.backbone.get_input_embeddings().weight
+    assert cfg.base_vocab_size < emb.shape[0] == max(cfg.audio_token_ids.values()) + 1
+
+
+def test_tiny_preset_is_deterministic(tmp_path):
+    from omni_lightning.model.build import init_model
+
+    a = init_model(tmp_path / "a", seed=0)
+    b = init_model(tmp_path / "b", seed=0)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_load_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="hub id"):
+        OmniEmbedder.from_pretrained("Qwen/Qwen3-VL-8B-Instruct")
+    with pytest.raises(FileNotFoundError, match="omni-lightning model directory"):
+        OmniEmbedder.from_pretrained(tmp_path)
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "omni_config.json").write_text((tiny_model_dir / "omni_config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, bad / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        OmniEmbedder.from_pretrained(bad)
+
+
+def test_cli_init_model_errors(tmp_path):
+    cmd = [sys.executable, "-m", "omni_lightning", "init-model", "--out", str(tmp_path / "m"),
+           "--backbone", "Qwen/Qwen3-VL-2B-Instruct", "--audio-encoder", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "looks like a hub id" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def _tiny_hf_checkpoints(tmp_path):
+    """A Qwen3-VL conditional-generation checkpoint and a Whisper checkpoint, as the hub lays them out."""
+    from transformers import Qwen3VLForConditionalGeneration, WhisperConfig, WhisperModel
+
+    from omni_lightning.model.build import build_tiny
+
+    model, processor = build_tiny(seed=1, corpus=["a red digit seven", "three beeps"])
+    cfg = model.backbone.config
+    cfg.text_config.vocab_size = model.config.base_vocab_size
+    torch.manual_seed(0)
+    vlm = Qwen3VLForConditionalGeneration(cfg)
+    vlm_dir = tmp_path / "qwen3vl"
+    vlm.save_pretrained(vlm_dir)
+    # the hub tokenizer has no audio tokens yet: rebuild one without them
+    from omni_lightning.model.build import train_tiny_tokenizer
+
+    from transformers import Qwen3VLProcessor
+
+    tok = train_tiny_tokenizer(["a red digit seven", "three beeps"], 300)
+    Qwen3VLProcessor(image_processor=processor.image_processor, tokenizer=tok,
+                     video_processor=processor.video_processor).save_pretrained(vlm_dir)
+    wcfg = WhisperConfig(num_mel_bins=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                         d_model=32, max_source_positions=100, decoder_layers=1, decoder_attention_heads=2,
+                         decoder_ffn_dim=32, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         decoder_start_token_id=1)
+    whisper = WhisperModel(wcfg)
+    w_dir = tmp_path / "whisper"
+    whisper.save_pretrained(w_dir)
+    (w_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_size": 32, "sampling_rate": 16000, "hop_length": 160, "n_fft": 400, "chunk_length": 2}))
+    return vlm, vlm_dir, whisper, w_dir
+
+
+def test_assemble_real_layout_checkpoints(tmp_path):
+    """init-model --backbone/--audio-encoder: weights taken from the local checkpoints, encodes every modality."""
+    from omni_lightning.model.build import init_model
+
+    vlm, vlm_dir, whisper, w_dir = _tiny_hf_checkpoints(tmp_path)
+    out = init_model(tmp_path / "omni", backbone=str(vlm_dir), audio_encoder=str(w_dir))
+    model = OmniEmbedder.from_pretrained(out).eval()
+    cfg = OmniConfig.load(out)
+    assert cfg.audio_type == "whisper" and cfg.backbone_type == "qwen3_vl"
+    assert set(cfg.audio_token_ids) == {"<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"}
+    # backbone and encoder weights are the checkpoints' own
+    torch.testing.assert_close(model.backbone.language_model.layers[0].mlp.up_proj.weight,
+                               vlm.model.language_model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(model.backbone.visual.blocks[0].attn.qkv.weight, vlm.model.visual.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(model.audio_encoder.layers[0].fc1.weight, whisper.encoder.layers[0].fc1.weight)
+    proc = OmniProcessor.from_pretrained(out)
+    with torch.no_grad():
+        emb = model(proc(demo_items(), "x"))
+    assert emb.shape[0] == len(demo_items()) and torch.isfinite(emb).all()
+
+
+def test_assemble_rejects_unsupported(tmp_path):
+    from omni_lightning.model.build import init_model
+
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="unsupported backbone"):
+        init_model(tmp_path / "o", backbone=str(d), audio_encoder=str(d))
+    with pytest.raises(FileNotFoundError):
+        init_model(tmp_path / "o", backbone=str(tmp_path / "missing"), audio_encoder=str(d))
