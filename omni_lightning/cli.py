@@ -9,6 +9,7 @@ Training subcommands go through LightningCLI (``fit``, ``validate``, ``test``, w
     omni-lightning shard --manifest pairs.jsonl --modality image --split train --out runs/data
     omni-lightning eval --model runs/image --data runs/data [--out results.json]
     omni-lightning demo --out runs/demo
+    omni-lightning fuse --config configs/fuse.yaml [--method ties --density 0.2] [--diagnose-only]
 
 Weights move between phases as model directories (``--model.init_args.model DIR``), never through
 ``--ckpt_path`` (which restores the checkpoint's saved hyper-parameters over your config and is meant only
@@ -35,6 +36,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*Found .* module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within.*")
     # our IterableDatasets yield exactly len() batches per rank (see data/datamodule.py)
     warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
     # retrieval metrics are synced by torchmetrics in compute(), not by self.log
@@ -109,6 +111,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", help="write results as JSON here")
 
+    s = sub.add_parser("fuse", help="Decoupled Specialist Fusion: merge specialists into one model (streaming)",
+                       description="Fuse specialists' task vectors into the base (task arithmetic, TIES, DARE, linear); "
+                       "modules and tokens only one specialist has are copied from it. Options come from --config "
+                       "(configs/fuse.yaml documents every key); the flags below and --set override it.")
+    s.add_argument("--config", help="YAML config (e.g. configs/fuse.yaml)")
+    s.add_argument("--base", help="base model directory θ₀")
+    s.add_argument("--specialists", nargs="+", metavar="DIR", help="specialist model directories")
+    s.add_argument("--alpha", nargs="+", type=float, help="one coefficient per specialist, in order")
+    s.add_argument("--names", nargs="+", help="specialist names (default: directory names)")
+    s.add_argument("--method", choices=["task_arithmetic", "ties", "dare", "linear"])
+    s.add_argument("--density", type=float, help="ties.density: fraction of each task vector kept, in (0, 1]")
+    s.add_argument("--p", type=float, help="dare.p: drop probability, in [0, 1)")
+    s.add_argument("--seed", type=int, help="dare.seed")
+    s.add_argument("--out", help="output model directory")
+    s.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
+    s.add_argument("--diagnose-only", action="store_true", default=None,
+                   help="print task-vector diagnostics (norms, cosines, per-layer norms); write no model")
+    s.add_argument("--diagnostics-dir", help="with --diagnose-only: also write diagnostics.json/.png here")
+    s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (dotted, YAML value), e.g. --set parts.vision_encoder.mode=keep_base")
+
     s = sub.add_parser("demo", help="the main job: tiny base, demo data, four specialists, eval table")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--steps", type=int, default=None, help="training steps per specialist (default: per config)")
@@ -163,6 +187,22 @@ def _dispatch(args: argparse.Namespace) -> int:
             from omni_lightning.utils import atomic_write_text
 
             atomic_write_text(args.out, json.dumps(results, indent=2))
+    elif args.command == "fuse":
+        import yaml
+
+        from omni_lightning.fusion import run_cli
+
+        flags = {"base": args.base, "specialists": args.specialists, "alpha": args.alpha, "names": args.names,
+                 "method": args.method, "ties.density": args.density, "dare.p": args.p, "dare.seed": args.seed,
+                 "out": args.out, "overwrite": args.overwrite, "diagnose_only": args.diagnose_only,
+                 "diagnostics_dir": args.diagnostics_dir, "progress": args.progress}
+        overrides = {k: v for k, v in flags.items() if v is not None}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            overrides[key.strip()] = yaml.safe_load(value)
+        return run_cli(args.config, overrides)
     elif args.command == "demo":
         from omni_lightning.pipeline import run_demo
 

@@ -163,10 +163,6 @@ class ContrastiveLoss(nn.Module):
         return loss
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def grad_cache_step(
     encode: Callable[[Any], Tensor],
     sides: Sequence[Sequence[Any]],

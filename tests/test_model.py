@@ -224,3 +224,82 @@ def test_assemble_rejects_unsupported(tmp_path):
         init_model(tmp_path / "o", backbone=str(d), audio_encoder=str(d))
     with pytest.raises(FileNotFoundError):
         init_model(tmp_path / "o", backbone=str(tmp_path / "missing"), audio_encoder=str(d))
+
+
+def test_assemble_from_a_qwen3_omni_checkpoint(tmp_path):
+    """The default audio tower comes out of a full Qwen3-Omni checkpoint: only thinker.audio_tower.* is read."""
+    from safetensors.torch import save_file
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeAudioEncoderConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+
+    from omni_lightning.model.build import TINY, init_model
+
+    _, vlm_dir, _, _ = _tiny_hf_checkpoints(tmp_path)
+    torch.manual_seed(3)
+    tower = Qwen3OmniMoeAudioEncoder(Qwen3OmniMoeAudioEncoderConfig(**TINY["audio"]))
+    omni_dir = tmp_path / "qwen3omni"
+    omni_dir.mkdir()
+    state = {f"thinker.audio_tower.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+    state["thinker.model.embed_tokens.weight"] = torch.zeros(4, 4)  # other thinker tensors are ignored
+    half = len(state) // 2
+    names = sorted(state)
+    save_file({k: state[k] for k in names[:half]}, str(omni_dir / "model-00001-of-00002.safetensors"))
+    save_file({k: state[k] for k in names[half:]}, str(omni_dir / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}
+    (omni_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (omni_dir / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_omni_moe", "thinker_config": {"audio_config": dict(TINY["audio"])}}))
+    (omni_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"feature_size": 32, "sampling_rate": 16000, "hop_length": 160, "n_fft": 400, "chunk_length": 2}))
+    out = init_model(tmp_path / "omni", backbone=str(vlm_dir), audio_encoder=str(omni_dir))
+    model = OmniEmbedder.from_pretrained(out)
+    assert model.config.audio_type == "qwen3_omni_moe_audio_encoder"
+    for k, v in tower.state_dict().items():
+        assert torch.equal(model.audio_encoder.state_dict()[k], v), k
+    with torch.no_grad():
+        emb = model.eval()(OmniProcessor.from_pretrained(out)(demo_items()[4:], None))
+    assert torch.isfinite(emb).all()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_family_backbones(kind, tmp_path):
+    """Qwen2-VL and Qwen2.5-VL backbones assemble and encode every modality."""
+    import transformers
+
+    from omni_lightning.model.build import TINY, init_model, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(["a red digit seven", "three beeps"], 300)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [4, 6, 6]})
+    if kind == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cls, cfg_cls, proc_cls = (transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig,
+                                  transformers.Qwen2VLProcessor)
+    else:
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[0])
+        cls, cfg_cls, proc_cls = (transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig,
+                                  transformers.Qwen2_5_VLProcessor)
+    config = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"])
+    vlm_dir = tmp_path / kind
+    cls(config).save_pretrained(vlm_dir)
+    lo, hi = TINY["image_pixels"]
+    image_processor = transformers.Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                                         size={"shortest_edge": lo, "longest_edge": hi})
+    video_processor = transformers.Qwen2VLVideoProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                                         size={"shortest_edge": lo, "longest_edge": hi * 8},
+                                                         do_sample_frames=False)
+    proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor).save_pretrained(vlm_dir)
+    _, _, _, w_dir = _tiny_hf_checkpoints(tmp_path)
+    out = init_model(tmp_path / "omni", backbone=str(vlm_dir), audio_encoder=str(w_dir))
+    model, proc = OmniEmbedder.from_pretrained(out).eval(), OmniProcessor.from_pretrained(out)
+    assert model.config.backbone_type == kind
+    with torch.no_grad():
+        together = model(proc(demo_items(), "x"))
+        alone = torch.cat([model(proc([it], "x")) for it in demo_items()])
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=0)

@@ -35,10 +35,13 @@ def audio_token_count(config: OmniConfig, feature_len: int) -> int:
 class LogMel:
     """Resample to the encoder's rate and compute Whisper-style log-mel features (the encoder's own extractor)."""
 
-    def __init__(self, cfg: AudioFeatureConfig) -> None:
+    def __init__(self, cfg: AudioFeatureConfig, pad_to_max: bool = False) -> None:
         from transformers import WhisperFeatureExtractor
 
         self.cfg = cfg
+        # Whisper's encoder has no attention mask: it must see every clip padded to its full window exactly
+        # as in its training (zero waveform), whatever else is in the batch.
+        self.pad_to_max = pad_to_max
         self.extractor = WhisperFeatureExtractor(
             feature_size=cfg.num_mel_bins,
             sampling_rate=cfg.sampling_rate,
@@ -63,7 +66,8 @@ class LogMel:
         out = self.extractor(
             clips,
             sampling_rate=self.cfg.sampling_rate,
-            padding="longest",
+            padding="max_length" if self.pad_to_max else "longest",
+            max_length=max_samples if self.pad_to_max else None,
             return_attention_mask=True,
             return_tensors="pt",
         )

@@ -40,7 +40,7 @@ class OmniProcessor:
         self.config = config
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.logmel = LogMel(config.audio_features)
+        self.logmel = LogMel(config.audio_features, pad_to_max=config.audio_type == "whisper")
         self.audio_start, self.audio_end, self.audio_pad = AUDIO_TOKENS
 
     @classmethod
