@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init-model", help="write a model directory: the tiny preset or an assembly of local checkpoints")
     s.add_argument("--out", required=True, help="model directory to write")
-    s.add_argument("--preset", default="tiny", help="embedded preset (default: tiny)")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="embedded preset (default: tiny; small: ~30 M parameters)")
     s.add_argument("--backbone", help="local Qwen3-VL / Qwen2-VL / Qwen2.5-VL checkpoint directory")
     s.add_argument("--audio-encoder", help="local Qwen3-Omni / Qwen3-Omni audio encoder / Whisper checkpoint directory")
     s.add_argument("--seed", type=int, default=0)

@@ -169,6 +169,7 @@ def grad_cache_step(
     loss_fn: Callable[..., Tensor],
     backward: Callable[[Tensor], None] = Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    needs_grad: Callable[[Any], bool] | None = None,
 ) -> Tensor:
     """One GradCache step; returns the (detached) loss. Gradients are accumulated into the parameters.
 
@@ -179,6 +180,8 @@ def grad_cache_step(
         backward: how to back-propagate a scalar (Lightning: ``self.manual_backward``).
         no_sync: context manager factory that disables DDP gradient sync; used for every re-forward but
             the last so gradients are reduced once.
+        needs_grad: tells whether a chunk's forward reaches a trainable parameter; chunks that do not (e.g. the
+            text side while only the audio projector trains) are not re-encoded at all.
 
     The random state is saved before each chunk's first forward and restored for its re-forward, so
     dropout masks match and the gradients equal those of the full batch.
@@ -201,6 +204,8 @@ def grad_cache_step(
     backward(loss)  # also reaches any parameter of the loss itself (learnable temperature)
     grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
 
+    if needs_grad is not None:
+        jobs = [job for job in jobs if needs_grad(job[1])]
     for i, (side, chunk, (cpu_state, cuda_state), start, end) in enumerate(jobs):
         last = i == len(jobs) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()

@@ -15,7 +15,7 @@ from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor
 from omni_lightning.model.omni import load_safetensors_dir
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "trainer:" in p.read_text())  # LightningCLI
 SPECIALISTS = ("image", "video", "document", "audio")
 
 

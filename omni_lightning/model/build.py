@@ -48,6 +48,21 @@ TINY = {
     "projector_hidden": 128,
     "image_pixels": (16 * 16, 64 * 64),  # min / max pixels per image (32x32 digits, 32x64 pages)
 }
+# A larger preset of the same shape (~30 M parameters): for benchmarks where compute, not per-call
+# overhead, should dominate, and for GPU smoke runs.
+SMALL = {
+    **TINY,
+    "text": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=64, max_position_embeddings=1024),
+    "vision": dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=8,
+                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                   deepstack_visual_indexes=[1, 3]),
+    "audio": dict(num_mel_bins=32, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024, d_model=256,
+                  output_dim=512, downsample_hidden_size=64, max_source_positions=200, n_window=50,
+                  n_window_infer=100),
+    "projector_hidden": 512,
+}
+PRESETS = {"tiny": TINY, "small": SMALL}
 
 
 def train_tiny_tokenizer(corpus: list[str], vocab_size: int):
@@ -94,16 +109,24 @@ def add_audio_tokens(tokenizer, backbone: nn.Module, seed: int = 0) -> dict[str,
 
 def build_tiny(seed: int = 0, corpus: list[str] | None = None) -> tuple[OmniEmbedder, Any]:
     """The embedded default: returns (model, backbone processor)."""
+    return build_preset("tiny", seed, corpus)
+
+
+def build_preset(preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None) -> tuple[OmniEmbedder, Any]:
+    """An embedded preset (``tiny`` or ``small``): returns (model, backbone processor)."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLModel, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     if corpus is None:
         from omni_lightning.data.demo import demo_vocabulary
 
         corpus = list(demo_vocabulary())
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; embedded presets: {', '.join(PRESETS)}")
+    sizes = PRESETS[preset]
     corpus = corpus + [f"<{i / 10:.1f} seconds>" for i in range(100)]
-    tokenizer = train_tiny_tokenizer(corpus, TINY["vocab_size"])
-    v = TINY["vision"]
-    lo, hi = TINY["image_pixels"]
+    tokenizer = train_tiny_tokenizer(corpus, sizes["vocab_size"])
+    v = sizes["vision"]
+    lo, hi = sizes["image_pixels"]
     image_processor = Qwen2VLImageProcessor(
         patch_size=v["patch_size"], merge_size=v["spatial_merge_size"], temporal_patch_size=v["temporal_patch_size"],
         size={"shortest_edge": lo, "longest_edge": hi},
@@ -113,7 +136,7 @@ def build_tiny(seed: int = 0, corpus: list[str] | None = None) -> tuple[OmniEmbe
         size={"shortest_edge": lo, "longest_edge": hi * 8}, do_sample_frames=False, cap_pixels_per_frame=True,
     )
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
-    t = TINY["text"]
+    t = sizes["text"]
     head_dim = t["head_dim"]
     section = [head_dim // 4, head_dim // 8, head_dim // 8]  # M-RoPE split of head_dim/2 (t, h, w)
     bconfig = Qwen3VLConfig(
@@ -133,12 +156,12 @@ def build_tiny(seed: int = 0, corpus: list[str] | None = None) -> tuple[OmniEmbe
         backbone_type="qwen3_vl",
         backbone=backbone.config.to_dict(),
         audio_type="qwen3_omni_moe_audio_encoder",
-        audio_encoder=dict(TINY["audio"]),
-        audio_features=AudioFeatureConfig(**TINY["audio_features"]),
-        projector_hidden=TINY["projector_hidden"],
+        audio_encoder=dict(sizes["audio"]),
+        audio_features=AudioFeatureConfig(**sizes["audio_features"]),
+        projector_hidden=sizes["projector_hidden"],
         audio_token_ids=ids,
         base_vocab_size=base_vocab,
-        history=[{"step": "init-model", "preset": "tiny", "seed": seed}],
+        history=[{"step": "init-model", "preset": preset, "seed": seed}],
     )
     torch.manual_seed(seed + 1)
     model = OmniEmbedder(config, backbone=backbone)
@@ -162,10 +185,8 @@ def init_model(
         if not (backbone and audio_encoder):
             raise ValueError("assembling a real model needs both --backbone and --audio-encoder (local directories)")
         model, processor = assemble(backbone, audio_encoder, seed=seed, dtype=dtype)
-    elif preset == "tiny":
-        model, processor = build_tiny(seed)
     else:
-        raise ValueError(f"unknown preset {preset!r}; the embedded preset is 'tiny'")
+        model, processor = build_preset(preset or "tiny", seed)
     model.save_pretrained(out, processor=processor)
     return out
 

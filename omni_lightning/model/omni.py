@@ -92,8 +92,20 @@ class OmniEmbedder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embed_audio(self, features: Tensor, lens: Tensor) -> Tensor:
-        """Packed projected audio tokens ``[sum n_i, hidden]`` for features ``[B, mels, T]``."""
-        return self.projector(encode_audio(self.audio_encoder, self.config, features, lens))
+        """Packed projected audio tokens ``[sum n_i, hidden]`` for features ``[B, mels, T]``.
+
+        A frozen audio encoder runs without autograd (its activations are not kept)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trainable(self.audio_encoder)):
+            feats = encode_audio(self.audio_encoder, self.config, features, lens)
+        return self.projector(feats)
+
+    def _reaches_trainable(self, batch: dict[str, Tensor]) -> bool:
+        """Whether a forward of ``batch`` touches any parameter that requires grad."""
+        if _trainable(self.backbone.language_model) or _trainable(self.backbone.get_input_embeddings()):
+            return True
+        if ("pixel_values" in batch or "pixel_values_videos" in batch) and _trainable(self.backbone.visual):
+            return True
+        return "audio_features" in batch and (_trainable(self.audio_encoder) or _trainable(self.projector))
 
     def _position_ids(self, batch: dict[str, Tensor]) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -114,6 +126,13 @@ class OmniEmbedder(nn.Module):
         return positions.view(1, 1, -1).expand(3, ids.shape[0], -1)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if torch.is_grad_enabled() and not self._reaches_trainable(batch):
+            # e.g. the text side while only the projector trains: no graph, no kept activations
+            with torch.no_grad():
+                return self._forward(batch)
+        return self._forward(batch)
+
+    def _forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         embeds = self.backbone.get_input_embeddings()(ids)
         pad_id = self.config.audio_token_ids["<|audio_pad|>"]
@@ -212,6 +231,10 @@ class OmniEmbedder(nn.Module):
         if device is not None:
             model = model.to(device)
         return model
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def check_local_dir(path: str | Path, what: str) -> Path:

@@ -197,7 +197,8 @@ class OmniModule(LightningModule):
         else:
             opt = self.optimizers()
             no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
-            loss = grad_cache_step(self.model, sides, loss_fn, backward=self.manual_backward, no_sync=no_sync)
+            loss = grad_cache_step(self.model, sides, loss_fn, backward=self.manual_backward, no_sync=no_sync,
+                                   needs_grad=self.embedder._reaches_trainable)
             opt.step()
             opt.zero_grad()
             sch = self.lr_schedulers()
