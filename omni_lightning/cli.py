@@ -133,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (dotted, YAML value), e.g. --set parts.vision_encoder.mode=keep_base")
 
+    s = sub.add_parser("drift", help="projector drift of a model on audio–text eval pairs (vs an optional reference)")
+    s.add_argument("--model", required=True, nargs="+", help="model directory (several: one row each)")
+    s.add_argument("--reference", help="reference model directory, e.g. the audio specialist")
+    s.add_argument("--data", required=True, help="dataset root (with audio/<split>/ shards)")
+    s.add_argument("--split", default="eval")
+    s.add_argument("--max-samples", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--out", help="write results as JSON here")
+
     s = sub.add_parser("demo", help="the main job: tiny base, demo data, four specialists, eval table")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--steps", type=int, default=None, help="training steps per specialist (default: per config)")
@@ -203,6 +212,21 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
             overrides[key.strip()] = yaml.safe_load(value)
         return run_cli(args.config, overrides)
+    elif args.command == "drift":
+        from omni_lightning.callbacks.projector_drift import format_drift, load_pairs, measure_drift
+        from omni_lightning.model.omni import load_model_and_processor
+
+        samples = load_pairs(args.data, args.split, args.max_samples)
+        ref = load_model_and_processor(args.reference) if args.reference else (None, None)
+        rows = {}
+        for m in args.model:
+            model, processor = load_model_and_processor(m)
+            rows[Path(m).name] = measure_drift(model, processor, samples, ref[0], ref[1], args.batch_size)
+        print(format_drift(rows))
+        if args.out:
+            from omni_lightning.utils import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(rows, indent=2))
     elif args.command == "demo":
         from omni_lightning.pipeline import run_demo
 

@@ -165,7 +165,22 @@ def build_preset(preset: str = "tiny", seed: int = 0, corpus: list[str] | None =
     )
     torch.manual_seed(seed + 1)
     model = OmniEmbedder(config, backbone=backbone)
+    _variance_preserving_init(model.audio_encoder)
     return model, processor
+
+
+def _variance_preserving_init(encoder: nn.Module) -> None:
+    """Re-draw the random audio tower's conv front end and linear layers with fan-in scaling.
+
+    transformers initialises them with std 0.02, which shrinks the mel features ~10^4-fold through the three
+    strided convs; the sinusoidal position embedding (norm ~sqrt(d_model)) then swamps them and every clip
+    encodes alike. A pretrained tower (what the tiny one stands in for) passes its input through; so does
+    one whose layers preserve the activation scale."""
+    for m in encoder.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu" if isinstance(m, nn.Conv2d) else "linear")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def init_model(

@@ -1,6 +1,7 @@
 """One LightningModule per phase, all thin, all on :class:`OmniModule` (which owns the contrastive core)."""
 
 from omni_lightning.modules.base import LoraSettings, LossSettings, OmniModule
+from omni_lightning.modules.recovery import RecoveryModule
 from omni_lightning.modules.specialist import SpecialistModule
 
-__all__ = ["LoraSettings", "LossSettings", "OmniModule", "SpecialistModule"]
+__all__ = ["LoraSettings", "LossSettings", "OmniModule", "RecoveryModule", "SpecialistModule"]
