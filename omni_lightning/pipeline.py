@@ -1,7 +1,8 @@
 """The main job: run the recipe's stages in order, each skipped when its output is already complete.
 
 Stages so far: the tiny base model θ₀ → the demo corpus → one specialist per modality (image, video,
-document, audio) → evaluation of the base and every specialist on every modality, written as a table.
+document, audio) → fusion (task arithmetic, 0.3/0.3/0.3/0.5, with diagnostics) → projector recovery →
+evaluation of every model on every modality, written as a table (rows: models, columns: modalities).
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def specialist_args(modality: str, out: Path, steps: int | None) -> list[str]:
     return args
 
 
+def recover_args(out: Path, steps: int | None) -> list[str]:
+    args = [
+        "fit",
+        "--config", str(config_path("recover.yaml")),
+        "--model.init_args.model", str(out / "fused"),
+        "--model.init_args.export_dir", str(out / "recovered"),
+        "--data.init_args.data_root", str(out / "data"),
+        "--trainer.default_root_dir", str(out / "lightning" / "recover"),
+        "--trainer.logger.init_args.save_dir", str(out / "logs"),
+        "--trainer.enable_progress_bar", "false",
+    ]
+    if steps is not None:
+        args += ["--trainer.max_epochs", "1", "--data.init_args.steps_per_epoch", str(steps)]
+    return args
+
+
 def _stage(name: str) -> float:
     print(f"\n=== {name} ===", flush=True)
     return time.perf_counter()
@@ -83,18 +100,38 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, force: boo
             lightning_cli(specialist_args(m, out, steps))
         timings[f"specialist-{m}"] = time.perf_counter() - t
 
+    t = _stage("fusion: task arithmetic (α image/video/document 0.3, audio 0.5)")
+    if force or not model_dir_complete(out / "fused"):
+        from omni_lightning.fusion import format_diagnostics, fuse, load_config
+
+        cfg = load_config(config_path("fuse.yaml"), {
+            "base": str(out / "base"),
+            "specialists": [str(out / "specialists" / m) for m in SPECIALISTS],
+            "out": str(out / "fused"), "overwrite": True, "progress": False,
+        })
+        result = fuse(cfg)
+        print(format_diagnostics(result.diagnostics))
+    timings["fuse"] = time.perf_counter() - t
+
+    t = _stage("projector recovery (backbone and audio encoder frozen)")
+    if force or not model_dir_complete(out / "recovered"):
+        lightning_cli(recover_args(out, steps))
+    timings["recover"] = time.perf_counter() - t
+
     t = _stage("evaluation (eval split, R@1 text→media)")
-    rows = {"base": evaluate_model(out / "base", out / "data", modalities=list(SPECIALISTS))}
-    for m in SPECIALISTS:
-        rows[f"{m} specialist"] = evaluate_model(out / "specialists" / m, out / "data", modalities=list(SPECIALISTS))
+    models = {"base": out / "base", **{f"{m} specialist": out / "specialists" / m for m in SPECIALISTS},
+              "fused": out / "fused", "recovered": out / "recovered"}
+    rows = {name: evaluate_model(d, out / "data", modalities=list(SPECIALISTS), progress=False)
+            for name, d in models.items()}
     timings["eval"] = time.perf_counter() - t
 
     table = format_table(rows)
     print("\nR@1 (text query → media, eval split; chance ≈ 1/#captions)\n")
     print(table)
-    print("\nEach specialist on its own modality vs. the base:")
+    print("\nOwn modality: base → specialist → fused → recovered")
     for m in SPECIALISTS:
-        print(f"  {m:9s} base {rows['base'][m]['q2c_r1']:.3f} → specialist {rows[f'{m} specialist'][m]['q2c_r1']:.3f}")
+        r = [rows[k][m]["q2c_r1"] for k in ("base", f"{m} specialist", "fused", "recovered")]
+        print(f"  {m:9s} " + " → ".join(f"{x:.3f}" for x in r))
     report = {"results": rows, "timings_s": timings}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", "# omni-lightning demo\n\nR@1, text → media, eval split.\n\n" + table + "\n")

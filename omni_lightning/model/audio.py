@@ -63,15 +63,23 @@ class LogMel:
             if sr != self.cfg.sampling_rate:
                 x = AF.resample(x, sr, self.cfg.sampling_rate)
             clips.append(x[:max_samples].numpy())
-        out = self.extractor(
-            clips,
-            sampling_rate=self.cfg.sampling_rate,
-            padding="max_length" if self.pad_to_max else "longest",
-            max_length=max_samples if self.pad_to_max else None,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        feats, lens = out["input_features"], out["attention_mask"].sum(-1)
+        # one clip at a time: batching clips in the extractor zero-pads the shorter ones, which changes the
+        # STFT frames at their ends (center padding) and so makes a clip's features depend on its batch
+        feats_list, lens_list = [], []
+        for clip in clips:
+            out = self.extractor(
+                [clip],
+                sampling_rate=self.cfg.sampling_rate,
+                padding="max_length" if self.pad_to_max else "longest",
+                max_length=max_samples if self.pad_to_max else None,
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            feats_list.append(out["input_features"][0])
+            lens_list.append(int(out["attention_mask"][0].sum()))
+        width = max(f.shape[-1] for f in feats_list)
+        feats = torch.stack([F.pad(f, (0, width - f.shape[-1])) for f in feats_list])
+        lens = torch.tensor(lens_list)
         return feats.float(), lens.long()
 
 
@@ -116,8 +124,12 @@ def encode_audio(encoder: nn.Module, config: OmniConfig, features: Tensor, lens:
     counts = [audio_token_count(config, int(n)) for n in lens.tolist()]
     dtype = next(encoder.parameters()).dtype
     if config.audio_type == "qwen3_omni_moe_audio_encoder":
-        packed = torch.cat([features[i, :, : int(n)] for i, n in enumerate(lens.tolist())], dim=1)
-        out = encoder(input_features=packed.to(dtype), feature_lens=lens).last_hidden_state
+        # one clip per call: packed multi-clip calls let windows of one clip attend across into the next
+        # under some attention backends, which makes a clip's encoding depend on its batch
+        out = torch.cat([
+            encoder(input_features=features[i, :, : int(n)].to(dtype), feature_lens=lens[i : i + 1]).last_hidden_state
+            for i, n in enumerate(lens.tolist())
+        ])
         if config.audio_pool_stride == 1:
             return out
         pieces = out.split([audio_token_count(_unpooled(config), int(n)) for n in lens.tolist()])
