@@ -36,30 +36,15 @@ def data_complete(root: Path, modalities) -> bool:
     return all((root / m / s / "index.json").is_file() for m in modalities for s in ("train", "eval"))
 
 
-def specialist_args(modality: str, out: Path, steps: int | None) -> list[str]:
+def fit_args(config: str, model: Path, export: Path, out: Path, name: str, steps: int | None) -> list[str]:
+    """``omni-lightning fit`` arguments: a shipped config with the demo layout's paths (and budget)."""
     args = [
         "fit",
-        "--config", str(config_path(f"specialist/{modality}.yaml")),
-        "--model.init_args.model", str(out / "base"),
-        "--model.init_args.export_dir", str(out / "specialists" / modality),
+        "--config", str(config_path(config)),
+        "--model.init_args.model", str(model),
+        "--model.init_args.export_dir", str(export),
         "--data.init_args.data_root", str(out / "data"),
-        "--trainer.default_root_dir", str(out / "lightning" / f"specialist-{modality}"),
-        "--trainer.logger.init_args.save_dir", str(out / "logs"),
-        "--trainer.enable_progress_bar", "false",
-    ]
-    if steps is not None:
-        args += ["--trainer.max_epochs", "1", "--data.init_args.steps_per_epoch", str(steps)]
-    return args
-
-
-def recover_args(out: Path, steps: int | None) -> list[str]:
-    args = [
-        "fit",
-        "--config", str(config_path("recover.yaml")),
-        "--model.init_args.model", str(out / "fused"),
-        "--model.init_args.export_dir", str(out / "recovered"),
-        "--data.init_args.data_root", str(out / "data"),
-        "--trainer.default_root_dir", str(out / "lightning" / "recover"),
+        "--trainer.default_root_dir", str(out / "lightning" / name),
         "--trainer.logger.init_args.save_dir", str(out / "logs"),
         "--trainer.enable_progress_bar", "false",
     ]
@@ -97,7 +82,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, force: boo
     for m in SPECIALISTS:
         t = _stage(f"specialist: {m}")
         if force or not model_dir_complete(out / "specialists" / m):
-            lightning_cli(specialist_args(m, out, steps))
+            lightning_cli(fit_args(f"specialist/{m}.yaml", out / "base", out / "specialists" / m, out,
+                                   f"specialist-{m}", steps))
         timings[f"specialist-{m}"] = time.perf_counter() - t
 
     t = _stage("fusion: task arithmetic (α image/video/document 0.3, audio 0.5)")
@@ -115,7 +101,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, force: boo
 
     t = _stage("projector recovery (backbone and audio encoder frozen)")
     if force or not model_dir_complete(out / "recovered"):
-        lightning_cli(recover_args(out, steps))
+        lightning_cli(fit_args("recover.yaml", out / "fused", out / "recovered", out, "recover", steps))
     timings["recover"] = time.perf_counter() - t
 
     t = _stage("evaluation (eval split, R@1 text→media)")

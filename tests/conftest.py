@@ -52,3 +52,25 @@ def demo_items():
         {"type": "audio", "waveform": rng.standard_normal(16000).astype("float32"), "sample_rate": 16000},
         {"type": "audio", "waveform": rng.standard_normal(4000).astype("float32"), "sample_rate": 8000},
     ]
+
+
+def fit_args(config, model_dir, data_root, out, extra=()) -> list[str]:
+    """`omni-lightning fit` arguments for a shipped config, cut down to a few CPU steps without a logger."""
+    from pathlib import Path
+
+    return [
+        "fit", "--config", str(config),
+        "--model.init_args.model", str(model_dir),
+        "--model.init_args.export_dir", str(out),
+        "--data.init_args.data_root", str(data_root),
+        "--data.init_args.batch_size", "8",
+        "--data.init_args.steps_per_epoch", "3",
+        "--data.init_args.val_batches", "1",
+        "--data.init_args.num_workers", "0",
+        "--trainer.max_epochs", "1",
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(Path(out).parent / "lightning"),
+        *extra,
+    ]

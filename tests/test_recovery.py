@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import fit_args
 from omni_lightning.callbacks import FreezeBackbone, ProjectorDrift, measure_drift
 from omni_lightning.callbacks.projector_drift import load_pairs, sliced_w1
 from omni_lightning.cli import main
@@ -26,22 +27,7 @@ RECOVER = REPO / "configs" / "recover.yaml"
 
 
 def recover_args(model_dir, data_root, out, extra=()) -> list[str]:
-    return [
-        "fit", "--config", str(RECOVER),
-        "--model.init_args.model", str(model_dir),
-        "--model.init_args.export_dir", str(out),
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.batch_size", "8",
-        "--data.init_args.steps_per_epoch", "3",
-        "--data.init_args.val_batches", "1",
-        "--data.init_args.num_workers", "0",
-        "--trainer.max_epochs", "1",
-        "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(Path(out).parent / "lightning"),
-        *extra,
-    ]
+    return fit_args(RECOVER, model_dir, data_root, out, extra)
 
 
 def test_recover_config_leaves_everything_but_the_projector_bit_identical(tiny_model_dir, demo_root, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fit_args
 from omni_lightning.cli import main
 from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor
 from omni_lightning.model.omni import load_safetensors_dir
@@ -17,25 +18,6 @@ from omni_lightning.model.omni import load_safetensors_dir
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "trainer:" in p.read_text())  # LightningCLI
 SPECIALISTS = ("image", "video", "document", "audio")
-
-
-def fast_args(config: Path, model_dir, data_root, out, extra=()) -> list[str]:
-    return [
-        "fit", "--config", str(config),
-        "--model.init_args.model", str(model_dir),
-        "--model.init_args.export_dir", str(out),
-        "--data.init_args.data_root", str(data_root),
-        "--data.init_args.batch_size", "8",
-        "--data.init_args.steps_per_epoch", "3",
-        "--data.init_args.val_batches", "1",
-        "--data.init_args.num_workers", "0",
-        "--trainer.max_epochs", "1",
-        "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(Path(out).parent / "lightning"),
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -50,7 +32,7 @@ def test_every_config_parses(config, capsys):
 @pytest.mark.parametrize("modality", SPECIALISTS)
 def test_specialist_config_runs_and_exports(modality, tiny_model_dir, demo_root, tmp_path):
     out = tmp_path / "spec"
-    main(fast_args(REPO / "configs" / "specialist" / f"{modality}.yaml", tiny_model_dir, demo_root, out))
+    main(fit_args(REPO / "configs" / "specialist" / f"{modality}.yaml", tiny_model_dir, demo_root, out))
     cfg = OmniConfig.load(out)
     assert cfg.history[-1]["step"] == "specialist" and cfg.history[-1]["modality"] == modality
     assert cfg.history[-1]["global_step"] == 3
@@ -150,7 +132,7 @@ def test_grad_cache_training_matches_full_batch(tiny_model_dir, demo_root, tmp_p
 def test_specialist_ddp_two_cpu_processes(tiny_model_dir, demo_root, tmp_path):
     """DDP with frozen parts, LoRA and cross-device negatives on 2 CPU ranks (gloo) runs and exports."""
     out = tmp_path / "ddp"
-    args = fast_args(REPO / "configs" / "specialist" / "audio.yaml", tiny_model_dir, demo_root, out,
+    args = fit_args(REPO / "configs" / "specialist" / "audio.yaml", tiny_model_dir, demo_root, out,
                      ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"])
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     r = subprocess.run([sys.executable, "-m", "omni_lightning", *args], capture_output=True, text=True,
