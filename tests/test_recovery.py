@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 

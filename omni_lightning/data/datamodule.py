@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch

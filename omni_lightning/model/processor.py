@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from omni_lightning.model.audio import LogMel, audio_token_count
@@ -135,6 +134,3 @@ def _rgb(image: Any) -> np.ndarray:
     arr = arr.astype(np.uint8, copy=False)
     return arr if arr.flags.writeable else arr.copy()
 
-
-def batch_to(batch: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
