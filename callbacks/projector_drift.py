@@ -143,6 +143,8 @@ class ProjectorDrift(Callback):
         self.max_samples, self.batch_size = max_samples, batch_size
         self._samples: list[dict] | None = None
         self._reference: Any = None
+        self._processor: Any = None
+        self._reference_processor: Any = None
         self.history: list[dict[str, float]] = []
 
     def _measure(self, pl_module: LightningModule) -> dict[str, float]:
@@ -155,15 +157,15 @@ class ProjectorDrift(Callback):
                 raise ValueError("ProjectorDrift needs data_root (or a datamodule with a data_root)")
             self._samples = load_pairs(root, self.split, self.max_samples)
         model = pl_module.embedder
-        processor = getattr(pl_module, "processor", None) or OmniProcessor.from_pretrained(pl_module.model_dir)
-        pl_module.processor = processor
+        if self._processor is None:
+            self._processor = OmniProcessor.from_pretrained(pl_module.model_dir)
         if self.reference_dir == "auto":
             self.reference_dir = projector_owner(model.config)
         if self.reference_dir and self._reference is None:
             self._reference = OmniEmbedder.from_pretrained(self.reference_dir).to(pl_module.device).eval()
             self._reference_processor = OmniProcessor.from_pretrained(self.reference_dir)
-        result = measure_drift(model, processor, self._samples, self._reference,
-                               getattr(self, "_reference_processor", None), self.batch_size)
+        result = measure_drift(model, self._processor, self._samples, self._reference,
+                               self._reference_processor, self.batch_size)
         self.history.append({"global_step": int(pl_module.global_step), **result})
         return result
 

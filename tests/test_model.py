@@ -75,8 +75,9 @@ def test_audio_content_changes_the_embedding(tiny):
     a, b = demo_items()[4], dict(demo_items()[4], waveform=np.zeros(16000, dtype="float32"))
     with torch.no_grad():
         ea, eb = model(proc([a, b], None))
-    # a random-init tiny model carries little of the audio to the last token, but it must carry some
-    assert not torch.equal(ea, eb)
+    # the tiny tower is initialised to pass its input through (model/build.py): a clip and silence must embed
+    # clearly apart (cos ≈ 0.73 here); a collapsed tower or a broken splice gives cos ≈ 1
+    assert float(ea @ eb) < 0.99
 
 
 def test_audio_mismatch_is_a_clear_error(tiny):

@@ -126,13 +126,10 @@ def encode_audio(encoder: nn.Module, config: OmniConfig, features: Tensor, lens:
     if config.audio_type == "qwen3_omni_moe_audio_encoder":
         # one clip per call: packed multi-clip calls let windows of one clip attend across into the next
         # under some attention backends, which makes a clip's encoding depend on its batch
-        out = torch.cat([
+        pieces = [
             encoder(input_features=features[i, :, : int(n)].to(dtype), feature_lens=lens[i : i + 1]).last_hidden_state
             for i, n in enumerate(lens.tolist())
-        ])
-        if config.audio_pool_stride == 1:
-            return out
-        pieces = out.split([audio_token_count(_unpooled(config), int(n)) for n in lens.tolist()])
+        ]
     else:
         expected = 2 * int(config.audio_encoder.get("max_source_positions", 1500))
         if features.shape[-1] > expected:
@@ -146,8 +143,3 @@ def encode_audio(encoder: nn.Module, config: OmniConfig, features: Tensor, lens:
     assert out.shape[0] == sum(counts), (out.shape, counts)
     return out
 
-
-def _unpooled(config: OmniConfig) -> OmniConfig:
-    from dataclasses import replace
-
-    return replace(config, audio_pool_stride=1)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.retrieval import RetrievalHitRate
 
 from omni_lightning.losses import ContrastiveLoss, grad_cache_step
-from omni_lightning.model.config import expand_parts
+from omni_lightning.model.config import PART_PREFIXES, expand_parts
 from omni_lightning.model.omni import OmniEmbedder
 from omni_lightning.model.processor import OmniProcessor
 
@@ -151,14 +151,6 @@ class OmniModule(LightningModule):
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("nothing is trainable: set train_parts and/or lora.parts")
 
-    def trainable_summary(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                key = "lora" if "lora_" in name else _part_of(name)
-                counts[key] = counts.get(key, 0) + p.numel()
-        return counts
-
     def configure_optimizers(self) -> Any:
         groups: dict[str, list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
@@ -269,8 +261,6 @@ class OmniModule(LightningModule):
 
 def _part_of(name: str) -> str:
     name = re.sub(r"^(base_model\.model\.)", "", name)
-    from omni_lightning.model.config import PART_PREFIXES
-
     for part, prefix in PART_PREFIXES.items():
         if name.startswith(prefix):
             return part
