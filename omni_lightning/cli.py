@@ -8,7 +8,8 @@ Training subcommands go through LightningCLI (``fit``, ``validate``, ``test``, w
     omni-lightning make-demo-data --out runs/data
     omni-lightning shard --manifest pairs.jsonl --modality image --split train --out runs/data
     omni-lightning eval --model runs/image --data runs/data [--out results.json]
-    omni-lightning demo --out runs/demo
+    omni-lightning pipeline --config configs/pipeline.yaml --out runs/demo
+    omni-lightning demo --out runs/demo          (the same, with the shipped configs/pipeline.yaml)
     omni-lightning fuse --config configs/fuse.yaml [--method ties --density 0.2] [--diagnose-only]
 
 Weights move between phases as model directories (``--model.init_args.model DIR``), never through
@@ -93,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=None, help="train pairs per modality")
     s.add_argument("--n-eval", type=int, default=None, help="eval pairs per modality")
     s.add_argument("--modalities", nargs="+", default=None)
+    s.add_argument("--corpus", default="recipe", choices=["recipe", "pretrain"],
+                   help="recipe: the five modalities' pairs; pretrain: the stage-0 corpus (text + glyph images)")
     s.add_argument("--overwrite", action="store_true")
 
     s = sub.add_parser("shard", help="turn a JSONL manifest of pairs into webdataset shards")
@@ -103,12 +106,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-per-shard", type=int, default=1000)
     s.add_argument("--overwrite", action="store_true")
 
-    s = sub.add_parser("eval", help="retrieval R@1/R@5 of a model on eval shards, per modality")
+    s = sub.add_parser("eval", help="retrieval (R@1/5/10, nDCG@10, MRR both ways), pool Hit@1 and zero-shot "
+                       "accuracy of a model on eval shards, per modality")
     s.add_argument("--model", required=True, help="model directory")
-    s.add_argument("--data", required=True, help="dataset root (with <modality>/eval/ shards)")
-    s.add_argument("--modalities", nargs="+", default=None)
+    s.add_argument("--data", required=True, help="dataset root (with <modality>/<split>/ shards)")
+    s.add_argument("--modalities", nargs="+", default=None, help="default: every modality with shards")
     s.add_argument("--split", default="eval")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="items per encoder forward")
+    s.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples per modality")
+    s.add_argument("--pool-size", type=int, default=100, help="candidates per query for MMEB-style Hit@1")
+    s.add_argument("--query-chunk", type=int, default=1024, help="queries scored at once (bounds memory)")
+    s.add_argument("--cand-chunk", type=int, default=16384, help="candidates scored at once (bounds memory)")
+    s.add_argument("--no-progress", dest="progress", action="store_false")
     s.add_argument("--out", help="write results as JSON here")
 
     s = sub.add_parser("fuse", help="Decoupled Specialist Fusion: merge specialists into one model (streaming)",
@@ -142,10 +151,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--out", help="write results as JSON here")
 
-    s = sub.add_parser("demo", help="the main job: tiny base, demo data, four specialists, eval table")
+    sub.add_parser("pipeline", help="the whole recipe, stage by stage, with the report "
+                   "(omni-lightning pipeline --config configs/pipeline.yaml [--out DIR] [--force STAGES]; see --help)")
+    s = sub.add_parser("demo", help="the main job (`make demo`): the pipeline with configs/pipeline.yaml")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--steps", type=int, default=None, help="training steps per specialist (default: per config)")
-    s.add_argument("--force", action="store_true", help="redo every stage even if its output exists")
+    s.add_argument("--force", default="", help="comma-separated stages to redo (see `pipeline --help`)")
+
+    s = sub.add_parser("dashboard", help="build the W&B workspace (a section per phase) with wandb-workspaces",
+                       description="Dashboards as code: see omni_lightning/dashboard.py. Saving needs "
+                       "WANDB_MODE=online and a W&B API key; --dry-run prints the workspace without network.")
+    from omni_lightning.dashboard import add_arguments as add_dashboard_arguments
+
+    add_dashboard_arguments(s)
     return p
 
 
@@ -156,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         lightning_cli(None if from_shell else argv)  # LightningCLI reads sys.argv itself from the shell
         return 0
+    if argv and argv[0] == "pipeline":
+        from omni_lightning.pipeline import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -178,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from omni_lightning.data.demo import make_demo_data
 
         kwargs = {k: v for k, v in (("n_train", args.n_train), ("n_eval", args.n_eval), ("modalities", args.modalities)) if v is not None}
-        summary = make_demo_data(args.out, seed=args.seed, overwrite=args.overwrite, **kwargs)
+        summary = make_demo_data(args.out, seed=args.seed, overwrite=args.overwrite, corpus=args.corpus, **kwargs)
         print(json.dumps(summary, indent=2, default=str))
     elif args.command == "shard":
         from omni_lightning.data.shards import shard_manifest
@@ -187,11 +208,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
         print(f"wrote shards to {out}")
     elif args.command == "eval":
-        from omni_lightning.evaluation import evaluate_model, format_table
+        from omni_lightning.evaluation import evaluate_model, format_metrics
 
         results = evaluate_model(args.model, args.data, modalities=args.modalities, split=args.split,
-                                 batch_size=args.batch_size)
-        print(format_table({Path(args.model).name: results}))
+                                 batch_size=args.batch_size, progress=args.progress, max_samples=args.max_samples,
+                                 pool_size=args.pool_size, query_chunk=args.query_chunk, cand_chunk=args.cand_chunk)
+        print(f"{args.model} on {args.data} ({args.split}):")
+        print(format_metrics(results))
         if args.out:
             from omni_lightning.utils import atomic_write_text
 
@@ -228,9 +251,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             atomic_write_text(args.out, json.dumps(rows, indent=2))
     elif args.command == "demo":
-        from omni_lightning.pipeline import run_demo
+        from omni_lightning.pipeline import config_path
+        from omni_lightning.pipeline import main as pipeline_main
 
-        run_demo(args.out, steps=args.steps, force=args.force)
+        return pipeline_main(["--config", str(config_path("pipeline.yaml")), "--out", args.out, "--force", args.force])
+    elif args.command == "dashboard":
+        from omni_lightning.dashboard import run_cli as dashboard_cli
+
+        return dashboard_cli(args)
     return 0
 
 

@@ -1,31 +1,126 @@
-"""The main job: run the recipe's stages in order, each skipped when its output is already complete.
+"""The whole recipe as one command — ``omni-lightning pipeline --config configs/pipeline.yaml [--out DIR]``.
 
-Stages so far: the tiny base model θ₀ → the demo corpus → one specialist per modality (image, video,
-document, audio) → fusion (task arithmetic, 0.3/0.3/0.3/0.5, with diagnostics) → projector recovery →
-evaluation of every model on every modality, written as a table (rows: models, columns: modalities).
+Stages, in order (each writes one output under ``OUT``)::
+
+    init          random tiny preset                              OUT/init        (skipped for a given base)
+    pretrain-data stage-0 corpus                                  OUT/pretrain-data
+    pretrain      stage 0: θ₀ learns to read and see              OUT/base        (or base.model is θ₀)
+    data          the demo corpus (or the given shards)           OUT/data
+    specialist-M  one per modality M, from θ₀                      OUT/specialists/M
+    fuse          task arithmetic + diagnostics                    OUT/fused
+    recover       projector recovery                               OUT/recovered
+    rehearse      balanced multi-modal rehearsal                   OUT/final
+    sweep         control: fusion with other audio coefficients    OUT/sweep/audio-α
+    eval          every model on every modality                    OUT/eval/<model>.json
+    report        report.md, report.json, report.png               OUT/
+
+A stage is skipped when its output is complete **and** was made from the same inputs: every finished stage
+leaves a record (``OUT/.pipeline/<stage>.json``) of the fingerprints of its inputs (model directories, shard
+indexes, its config file and overrides), so redoing a stage (``--force fuse``) or changing its config also
+redoes every stage downstream of it, and nothing stale survives. A failing stage stops the pipeline with its
+error; the stages before it stay finished and are skipped when the command is run again. Every output is
+written atomically (model directories and shards by their writers, reports by temp file + rename).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import time
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from omni_lightning.model.config import CONFIG_NAME
 from omni_lightning.utils import atomic_write_text
 
 SPECIALISTS = ("image", "video", "document", "audio")
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECORDS = ".pipeline"
 
 
-def config_path(name: str) -> Path:
-    """A shipped config (``configs/<name>``) — clear error when running outside a checkout."""
-    p = REPO_CONFIGS / name
-    if not p.is_file():
-        raise FileNotFoundError(f"config {name} not found under {REPO_CONFIGS}; run from a checkout of omni-lightning")
-    return p
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class BaseSettings:
+    """θ₀: a given local model directory, or the embedded preset (with stage-0 pretraining)."""
+
+    model: str | None = None  # a local model directory to start from (skips init and pretrain)
+    preset: str = "tiny"
+    seed: int = 0
+    pretrain: str | None = "pretrain.yaml"  # stage-0 fit config (null: use the random preset as θ₀)
 
 
+@dataclass
+class DataSettings:
+    """The shards: a given dataset root, or the generated demo corpus."""
+
+    root: str | None = None  # <root>/<modality>/{train,eval}/ shards; null: generate the demo corpus
+    seed: int = 0
+    n_train: int = 1200
+    n_eval: int = 300
+    pretrain_n_train: int = 1200  # stage-0 corpus sizes
+    pretrain_n_eval: int = 300
+
+
+@dataclass
+class FuseSettings:
+    config: str = "fuse.yaml"
+    alpha: dict[str, float] = field(default_factory=lambda: {"image": 0.3, "video": 0.3, "document": 0.3, "audio": 0.5})
+    sweep_audio: list[float] = field(default_factory=list)  # control: re-fuse with these α_audio, eval audio+image
+
+
+@dataclass
+class EvalSettings:
+    modalities: list[str] = field(default_factory=lambda: [*SPECIALISTS, "text"])
+    batch_size: int = 64
+    pool_size: int = 100
+    max_samples: int | None = None
+
+
+@dataclass
+class Budget:
+    """Overrides for every fit stage (null: the stage config's value). For smoke runs and tests."""
+
+    steps_per_epoch: int | None = None
+    max_epochs: int | None = None
+    batch_size: int | None = None
+    val_batches: int | None = None
+    num_workers: int | None = None
+    progress_bar: bool = False
+    logger: bool = True  # CSV logs under OUT/logs/<stage>
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/demo"
+    base: BaseSettings = field(default_factory=BaseSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    specialists: dict[str, str] = field(default_factory=lambda: {m: f"specialist/{m}.yaml" for m in SPECIALISTS})
+    fuse: FuseSettings = field(default_factory=FuseSettings)
+    recover: str = "recover.yaml"
+    rehearse: str | None = "rehearse.yaml"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    budget: Budget = field(default_factory=Budget)
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; earlier stages are finished and will be skipped on the next run."""
+
+
+def config_path(name: str | Path) -> Path:
+    """A fit config: a path as given, else relative to the checkout's ``configs/``."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    q = REPO_CONFIGS / name
+    if q.is_file():
+        return q
+    raise FileNotFoundError(f"config {name} not found (as a path, or under {REPO_CONFIGS})")
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
 def model_dir_complete(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and (
         (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
@@ -36,90 +131,290 @@ def data_complete(root: Path, modalities) -> bool:
     return all((root / m / s / "index.json").is_file() for m in modalities for s in ("train", "eval"))
 
 
-def fit_args(config: str, model: Path, export: Path, out: Path, name: str, steps: int | None) -> list[str]:
-    """``omni-lightning fit`` arguments: a shipped config with the demo layout's paths (and budget)."""
-    args = [
-        "fit",
-        "--config", str(config_path(config)),
-        "--model.init_args.model", str(model),
-        "--model.init_args.export_dir", str(export),
-        "--data.init_args.data_root", str(out / "data"),
-        "--trainer.default_root_dir", str(out / "lightning" / name),
-        "--trainer.logger.init_args.save_dir", str(out / "logs"),
-        "--trainer.enable_progress_bar", "false",
-    ]
-    if steps is not None:
-        args += ["--trainer.max_epochs", "1", "--data.init_args.steps_per_epoch", str(steps)]
-    return args
+def fingerprint(path: Path) -> str:
+    """Cheap identity of a model directory or dataset root: names, sizes and mtimes of its files, and the
+    content of its small JSON files."""
+    h = hashlib.sha256()
+    if path.is_file():
+        h.update(path.read_bytes())
+        return h.hexdigest()[:16]
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and RECORDS not in p.parts):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if f.suffix == ".json" and st.st_size < 1 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
-def _stage(name: str) -> float:
-    print(f"\n=== {name} ===", flush=True)
-    return time.perf_counter()
+# ---------------------------------------------------------------------------------------------- stages
+@dataclass
+class Stage:
+    name: str
+    output: Path
+    inputs: dict[str, Any]  # name → path (fingerprinted) or a plain value
+    run: Callable[[], None]
+    complete: Callable[[], bool]
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None, force: bool = False) -> dict:
-    from omni_lightning.cli import lightning_cli
-    from omni_lightning.data.demo import make_demo_data
-    from omni_lightning.evaluation import evaluate_model, format_table
-    from omni_lightning.model.build import init_model
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, force: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.force = set(force or [])
+        self.timings: dict[str, float] = {}
+        self.ran: list[str] = []
+        self.stages = self._plan()
+        known = {s.name for s in self.stages} | {"all", "specialists", "eval"}
+        unknown = self.force - known
+        if unknown:
+            raise ValueError(f"--force {sorted(unknown)}: unknown stage; stages are {[s.name for s in self.stages]}, "
+                             "or 'specialists' / 'all'")
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    # paths
+    @property
+    def base_dir(self) -> Path:
+        if self.cfg.base.model:
+            return Path(self.cfg.base.model)
+        return self.out / ("base" if self.cfg.base.pretrain else "init")
 
-    t = _stage("base model θ₀ (tiny preset)")
-    if force or not model_dir_complete(out / "base"):
-        init_model(out / "base", preset="tiny", overwrite=True)
-    timings["base"] = time.perf_counter() - t
+    @property
+    def data_root(self) -> Path:
+        return Path(self.cfg.data.root) if self.cfg.data.root else self.out / "data"
 
-    t = _stage("demo corpus")
-    mods = ("text", *SPECIALISTS)
-    if force or not data_complete(out / "data", mods):
-        make_demo_data(out / "data", overwrite=True)
-    timings["data"] = time.perf_counter() - t
+    def models(self) -> dict[str, Path]:
+        """The models the report compares, in row order."""
+        rows = {"base": self.base_dir}
+        rows.update({f"{m} specialist": self.out / "specialists" / m for m in self.cfg.specialists})
+        rows["fused"] = self.out / "fused"
+        rows["recovered"] = self.out / "recovered"
+        if self.cfg.rehearse:
+            rows["final (rehearsed)"] = self.out / "final"
+        return rows
 
-    for m in SPECIALISTS:
-        t = _stage(f"specialist: {m}")
-        if force or not model_dir_complete(out / "specialists" / m):
-            lightning_cli(fit_args(f"specialist/{m}.yaml", out / "base", out / "specialists" / m, out,
-                                   f"specialist-{m}", steps))
-        timings[f"specialist-{m}"] = time.perf_counter() - t
+    # fit arguments
+    def fit_args(self, config: str, model: Path, export: Path, data_root: Path, name: str) -> list[str]:
+        b = self.cfg.budget
+        args = ["fit", "--config", str(config_path(config)),
+                "--model.init_args.model", str(model), "--model.init_args.export_dir", str(export),
+                "--data.init_args.data_root", str(data_root),
+                "--trainer.default_root_dir", str(self.out / "lightning" / name),
+                "--trainer.enable_progress_bar", str(b.progress_bar).lower()]
+        if b.logger:
+            logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                      "init_args": {"save_dir": str(self.out / "logs"), "name": name}}
+            args += ["--trainer.logger", json.dumps(logger)]
+        else:
+            args += ["--trainer.logger", "false"]
+        for key, value in (("data.init_args.steps_per_epoch", b.steps_per_epoch), ("trainer.max_epochs", b.max_epochs),
+                           ("data.init_args.batch_size", b.batch_size), ("data.init_args.val_batches", b.val_batches),
+                           ("data.init_args.num_workers", b.num_workers)):
+            if value is not None:
+                args += [f"--{key}", str(value)]
+        return args
 
-    t = _stage("fusion: task arithmetic (α image/video/document 0.3, audio 0.5)")
-    if force or not model_dir_complete(out / "fused"):
-        from omni_lightning.fusion import format_diagnostics, fuse, load_config
+    def _fit(self, config: str, model: Path, export: Path, data_root: Path, name: str) -> Stage:
+        args = self.fit_args(config, model, export, data_root, name)
 
-        cfg = load_config(config_path("fuse.yaml"), {
-            "base": str(out / "base"),
-            "specialists": [str(out / "specialists" / m) for m in SPECIALISTS],
-            "out": str(out / "fused"), "overwrite": True, "progress": False,
-        })
-        result = fuse(cfg)
-        print(format_diagnostics(result.diagnostics))
-    timings["fuse"] = time.perf_counter() - t
+        def run() -> None:
+            from omni_lightning.cli import lightning_cli
 
-    t = _stage("projector recovery (backbone and audio encoder frozen)")
-    if force or not model_dir_complete(out / "recovered"):
-        lightning_cli(fit_args("recover.yaml", out / "fused", out / "recovered", out, "recover", steps))
-    timings["recover"] = time.perf_counter() - t
+            lightning_cli(args)
+            if not model_dir_complete(export):
+                raise RuntimeError(f"fit finished but wrote no model directory at {export}")
 
-    t = _stage("evaluation (eval split, R@1 text→media)")
-    models = {"base": out / "base", **{f"{m} specialist": out / "specialists" / m for m in SPECIALISTS},
-              "fused": out / "fused", "recovered": out / "recovered"}
-    rows = {name: evaluate_model(d, out / "data", modalities=list(SPECIALISTS), progress=False)
-            for name, d in models.items()}
-    timings["eval"] = time.perf_counter() - t
+        inputs = {"model": model, "data": data_root, "config": config_path(config),
+                  "args": [a for a in args if not a.startswith("{")]}
+        return Stage(name, export, inputs, run, lambda: model_dir_complete(export))
 
-    table = format_table(rows)
-    print("\nR@1 (text query → media, eval split; chance ≈ 1/#captions)\n")
-    print(table)
-    print("\nOwn modality: base → specialist → fused → recovered")
-    for m in SPECIALISTS:
-        r = [rows[k][m]["q2c_r1"] for k in ("base", f"{m} specialist", "fused", "recovered")]
-        print(f"  {m:9s} " + " → ".join(f"{x:.3f}" for x in r))
-    report = {"results": rows, "timings_s": timings}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.md", "# omni-lightning demo\n\nR@1, text → media, eval split.\n\n" + table + "\n")
-    print(f"\nwrote {out / 'report.md'} and {out / 'report.json'}; total {sum(timings.values()):.0f} s")
-    return report
+    def _plan(self) -> list[Stage]:
+        cfg, out = self.cfg, self.out
+        stages: list[Stage] = []
+        if not cfg.base.model:
+            init = out / "init"
+
+            def run_init() -> None:
+                from omni_lightning.model.build import init_model
+
+                init_model(init, preset=cfg.base.preset, seed=cfg.base.seed, overwrite=True)
+
+            stages.append(Stage("init", init, {"preset": cfg.base.preset, "seed": cfg.base.seed}, run_init,
+                                lambda: model_dir_complete(init)))
+            if cfg.base.pretrain:
+                pdata = out / "pretrain-data"
+                stages.append(self._data_stage("pretrain-data", pdata, "pretrain", cfg.data.pretrain_n_train,
+                                               cfg.data.pretrain_n_eval, ("text", "image")))
+                stages.append(self._fit(cfg.base.pretrain, init, out / "base", pdata, "pretrain"))
+        if not cfg.data.root:
+            stages.append(self._data_stage("data", out / "data", "recipe", cfg.data.n_train, cfg.data.n_eval,
+                                           ("text", *SPECIALISTS)))
+        for m, conf in cfg.specialists.items():
+            stages.append(self._fit(conf, self.base_dir, out / "specialists" / m, self.data_root, f"specialist-{m}"))
+        stages.append(self._fuse_stage("fuse", out / "fused", cfg.fuse.alpha))
+        stages.append(self._fit(cfg.recover, out / "fused", out / "recovered", self.data_root, "recover"))
+        if cfg.rehearse:
+            stages.append(self._fit(cfg.rehearse, out / "recovered", out / "final", self.data_root, "rehearse"))
+        for a in cfg.fuse.sweep_audio:
+            stages.append(self._fuse_stage(f"sweep-audio-{a:g}", out / "sweep" / f"audio-{a:g}",
+                                           {**cfg.fuse.alpha, "audio": a}))
+        return stages
+
+    def _data_stage(self, name: str, root: Path, corpus: str, n_train: int, n_eval: int, mods) -> Stage:
+        seed = self.cfg.data.seed
+
+        def run() -> None:
+            from omni_lightning.data.demo import make_demo_data
+
+            make_demo_data(root, seed=seed, n_train=n_train, n_eval=n_eval, corpus=corpus, overwrite=True,
+                           progress=True)
+
+        inputs = {"corpus": corpus, "seed": seed, "n_train": n_train, "n_eval": n_eval}
+        return Stage(name, root, inputs, run, lambda: data_complete(root, mods))
+
+    def _fuse_stage(self, name: str, out_dir: Path, alpha: dict[str, float]) -> Stage:
+        names = list(self.cfg.specialists)
+        missing = [m for m in names if m not in alpha]
+        if missing:
+            raise ValueError(f"fuse.alpha has no coefficient for specialists {missing}")
+        specs = [self.out / "specialists" / m for m in names]
+
+        def run() -> None:
+            from omni_lightning.fusion import format_diagnostics, fuse, load_config
+
+            conf = load_config(config_path(self.cfg.fuse.config), {
+                "base": str(self.base_dir), "specialists": [str(s) for s in specs], "names": names,
+                "alpha": [float(alpha[m]) for m in names], "out": str(out_dir), "overwrite": True, "progress": False,
+            })
+            result = fuse(conf)
+            if name == "fuse":
+                print(format_diagnostics(result.diagnostics))
+
+        inputs = {"base": self.base_dir, **{f"specialist-{m}": s for m, s in zip(names, specs)},
+                  "alpha": alpha, "config": config_path(self.cfg.fuse.config)}
+        return Stage(name, out_dir, inputs, run, lambda: model_dir_complete(out_dir))
+
+    # running
+    def _fingerprints(self, stage: Stage) -> dict[str, Any]:
+        return {k: (fingerprint(v) if isinstance(v, Path) and v.exists() else str(v) if isinstance(v, Path) else v)
+                for k, v in stage.inputs.items()}
+
+    def _record_path(self, stage: Stage) -> Path:
+        return self.out / RECORDS / f"{stage.name}.json"
+
+    def is_done(self, stage: Stage) -> bool:
+        rec = self._record_path(stage)
+        if not (stage.complete() and rec.is_file()):
+            return False
+        try:
+            record = json.loads(rec.read_text())
+        except ValueError:
+            return False
+        return record.get("inputs") == json.loads(json.dumps(self._fingerprints(stage)))
+
+    def _forced(self, stage: Stage) -> bool:
+        return bool({"all", stage.name} & self.force) or (
+            "specialists" in self.force and stage.name.startswith("specialist-"))
+
+    def run_stage(self, stage: Stage) -> None:
+        if not self._forced(stage) and self.is_done(stage):
+            print(f"[skip] {stage.name}: {stage.output} is complete", flush=True)
+            return
+        print(f"\n=== {stage.name} → {stage.output} ===", flush=True)
+        t = time.perf_counter()
+        try:
+            stage.run()
+        except (Exception, SystemExit) as e:  # a failed stage stops the pipeline; finished stages stay usable
+            # (LightningCLI reports a bad config by exiting: that is a failed stage too, not the end of us)
+            raise PipelineError(f"stage '{stage.name}' failed: {type(e).__name__}: {e}") from e
+        if not stage.complete():
+            raise PipelineError(f"stage '{stage.name}' finished but its output {stage.output} is incomplete")
+        self.timings[stage.name] = time.perf_counter() - t
+        self.ran.append(stage.name)
+        record = {"stage": stage.name, "output": str(stage.output), "inputs": self._fingerprints(stage),
+                  "seconds": round(self.timings[stage.name], 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(self._record_path(stage), json.dumps(record, indent=2, default=str))
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stage in self.stages:
+            self.run_stage(stage)
+        t = time.perf_counter()
+        try:
+            from omni_lightning.report import write_report
+
+            results = self.evaluate()
+            report = write_report(self, results)
+        except Exception as e:
+            raise PipelineError(f"stage 'eval/report' failed: {type(e).__name__}: {e}") from e
+        self.timings["eval+report"] = time.perf_counter() - t
+        return report
+
+    def evaluate(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Every model × every modality; each model's results cached in ``OUT/eval/<model>.json`` with the
+        model's fingerprint (re-evaluated when the model or the eval settings change, or with ``--force eval``)."""
+        from omni_lightning.evaluation import evaluate_model
+
+        e = self.cfg.eval
+        settings = asdict(e) | {"data": fingerprint(self.data_root)}
+        models = dict(self.models())
+        models.update({f"sweep audio α={a:g}": self.out / "sweep" / f"audio-{a:g}" for a in self.cfg.fuse.sweep_audio})
+        results = {}
+        for name, d in models.items():
+            cache = self.out / "eval" / (name.replace(" ", "_").replace("=", "") + ".json")
+            key = {"model": fingerprint(d), "settings": settings}
+            if cache.is_file() and not ({"eval", "all"} & self.force):
+                cached = json.loads(cache.read_text())
+                if cached.get("key") == key:
+                    results[name] = cached["results"]
+                    continue
+            print(f"[eval] {name} ({d})", flush=True)
+            mods = ["audio", "image"] if name.startswith("sweep") else e.modalities
+            res = evaluate_model(d, self.data_root, modalities=mods, batch_size=e.batch_size, progress=True,
+                                 max_samples=e.max_samples, pool_size=e.pool_size)
+            atomic_write_text(cache, json.dumps({"key": key, "model": str(d), "results": res}, indent=2))
+            results[name] = res
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="omni-lightning pipeline", description=__doc__.split("\n\n")[0],
+                       default_config_files=[], exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (configs/pipeline.yaml documents every key)")
+    p.add_class_arguments(PipelineConfig, nested_key=None, fail_untyped=True, sub_configs=True)
+    p.add_argument("--force", type=str, default="",
+                   help="redo these stages and everything downstream of them: comma-separated stage names "
+                   "(init, pretrain-data, pretrain, data, specialist-<modality>, fuse, recover, rehearse, "
+                   "sweep-audio-<α>, eval), 'specialists' or 'all'")
+    return p
+
+
+def load_pipeline_config(argv: list[str]) -> tuple[PipelineConfig, list[str]]:
+    p = parser()
+    ns = p.parse_args(argv)
+    force = [f.strip() for f in (ns.pop("force") or "").split(",") if f.strip()]
+    ns.pop("config", None)
+    init = p.instantiate_classes(ns)
+    cfg = PipelineConfig(**{k: init[k] for k in PipelineConfig.__dataclass_fields__})
+    return cfg, force
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg, force = load_pipeline_config(argv)
+        pipe = Pipeline(cfg, force)
+    except Exception as e:
+        print(f"omni-lightning pipeline: error: {e}", file=sys.stderr)
+        return 2
+    t = time.perf_counter()
+    try:
+        pipe.run()
+    except PipelineError as e:
+        traceback.print_exception(e.__cause__ or e, file=sys.stderr, limit=-3)
+        done = [s.name for s in pipe.stages if pipe.is_done(s)]
+        print(f"\nomni-lightning pipeline: {e}\nfinished stages (skipped on the next run): {', '.join(done) or 'none'}",
+              file=sys.stderr)
+        return 1
+    print(f"pipeline finished in {time.perf_counter() - t:.0f} s (ran: {', '.join(pipe.ran) or 'nothing, all complete'})")
+    return 0

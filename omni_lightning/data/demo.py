@@ -25,6 +25,13 @@ train (eval labels ⊆ train labels).
   Hard negative: a paraphrase of a caption differing in one attribute. Labels are shared with the media
   captions (``"image:073"`` etc.), for text-only pretraining of a base model.
 
+**The stage-0 corpus** (``corpus="pretrain"``) stands in for the general pretraining a real VLM base has had
+before anyone trains embedders on it. It holds the same **text** paraphrase pairs and, as its **image** set,
+*glyphs*: a single train-pool digit of random size and colour in one quadrant of a 32×32 canvas, captioned
+``"the digit seven in the top left"`` (10 digits × 4 quadrants = 40 captions; labels ``"glyph:NNN"``). It
+teaches the base to read digits and where they are; no colour words, no motion, no pages, no audio — the
+specialists' tasks stay to be learned. Its train split never uses eval-pool source digits.
+
 Determinism: all randomness comes from ``numpy.random.Generator(SeedSequence([seed, modality, split]))``;
 PNG/FLAC/tar encoding is byte-stable, so the same seed gives byte-identical shards.
 """
@@ -61,6 +68,7 @@ DEMO_INSTRUCTIONS = {
     "document": "Retrieve the document page that matches the description.",
     "audio": "Retrieve the audio clip that matches the description.",
 }
+PRETRAIN_INSTRUCTION = "Retrieve the picture that matches the description."
 DEMO_TASKS = {
     "text": "demo_text_t2t",
     "image": "demo_image_t2i",
@@ -121,11 +129,16 @@ def _caption(family: str, cid: int) -> str:
     if family == "audio":
         p, n, t = _audio_attrs(cid)
         return f"{WORDS[n]} {TIMBRES[t]} {_plural(n, 'beep')} at pitch {WORDS[p + 1]}"
+    if family == "glyph":
+        return f"the digit {WORDS[cid // 4]} in the {QUADRANTS[cid % 4]}"
     raise KeyError(family)
 
 
-_NUM_CAPTIONS = {"image": 100, "video": 40, "document": 100, "audio": 100}
-_FAMILIES = ("image", "video", "document", "audio")
+_NUM_CAPTIONS = {"image": 100, "video": 40, "document": 100, "audio": 100, "glyph": 40}
+_FAMILIES = ("image", "video", "document", "audio")  # the recipe's media families (the text space spans them)
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+CORPORA = ("recipe", "pretrain")
+PRETRAIN_MODALITIES = ("text", "image")
 
 
 def _paraphrases(family: str, cid: int) -> list[str]:
@@ -160,7 +173,8 @@ def demo_captions() -> dict[str, list[str]]:
 def demo_vocabulary() -> list[str]:
     """Every string the demo corpus can contain (captions, paraphrases, instructions), sorted, unique.
     Used to train the tiny preset's tokenizer."""
-    out = set(DEMO_INSTRUCTIONS.values())
+    out = set(DEMO_INSTRUCTIONS.values()) | {PRETRAIN_INSTRUCTION}
+    out.update(_caption("glyph", i) for i in range(_NUM_CAPTIONS["glyph"]))
     for f in _FAMILIES:
         for i in range(_NUM_CAPTIONS[f]):
             out.add(_caption(f, i))
@@ -205,6 +219,13 @@ def _hard_negative_caption(family: str, cid: int, rng: np.random.Generator) -> i
         else:
             t = 1 - t
         return p * 10 + (n - 1) * 2 + t
+    if family == "glyph":
+        d, q = cid // 4, cid % 4
+        if rng.random() < 0.5:
+            q = (q + int(rng.integers(1, 4))) % 4
+        else:
+            d = (d + int(rng.integers(1, 10))) % 10
+        return d * 4 + q
     raise KeyError(family)
 
 
@@ -273,6 +294,22 @@ def _render_image(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple
     fg = np.asarray(COLOURS[colour][1], np.float32) * rng.uniform(0.85, 1.0)
     img = bg + canvas[..., None] * (fg - bg)
     img += 4.0 * rng.standard_normal(img.shape, dtype=np.float32)
+    return _to_uint8(img), src_id
+
+
+def _render_glyph(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A digit of random size (12-16 px) and colour inside one quadrant of a dark 32×32 canvas."""
+    digit, quadrant = cid // 4, cid % 4
+    src, src_id = pool.draw(digit, rng)
+    size = int(rng.integers(12, 17))
+    glyph = _upscale(src, size)
+    canvas = np.zeros((32, 32), np.float32)
+    y = int(rng.integers(0, 16 - size + 1)) + (16 if quadrant >= 2 else 0)
+    x = int(rng.integers(0, 16 - size + 1)) + (16 if quadrant % 2 else 0)
+    canvas[y:y + size, x:x + size] = glyph
+    bg = rng.uniform(0, 35, size=3).astype(np.float32)
+    fg = rng.uniform(120, 255, size=3).astype(np.float32)
+    img = bg + canvas[..., None] * (fg - bg) + 4.0 * rng.standard_normal((32, 32, 3), dtype=np.float32)
     return _to_uint8(img), src_id
 
 
@@ -369,14 +406,19 @@ def _caption_schedule(n_captions: int, n_train: int, n: int, seed: int, modality
     return rng.permutation(used[np.arange(n) % len(used)])
 
 
-def demo_samples(modality: str, split: str, n: int, *, seed: int = 0, n_train: int | None = None) -> Iterator[dict]:
+def demo_samples(modality: str, split: str, n: int, *, seed: int = 0, n_train: int | None = None,
+                 corpus: str = "recipe") -> Iterator[dict]:
     """Generate ``n`` DITEM-style samples of one modality/split (deterministic in ``seed``).
 
     ``n_train`` (default ``n``) is the train size the caption schedule is balanced for; pass the train size
-    when generating eval so that eval captions ⊆ train captions.
+    when generating eval so that eval captions ⊆ train captions. ``corpus="pretrain"`` gives the stage-0
+    corpus (text paraphrases and glyph images; see the module docstring).
     """
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    if modality not in (PRETRAIN_MODALITIES if corpus == "pretrain" else MODALITIES):
+        allowed = PRETRAIN_MODALITIES if corpus == "pretrain" else MODALITIES
+        raise ValueError(f"unknown modality {modality!r} for the {corpus} corpus; expected one of {allowed}")
     if split not in _SPLIT_CODE:
         raise ValueError(f"split must be one of {tuple(_SPLIT_CODE)}, got {split!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -408,7 +450,15 @@ def demo_samples(modality: str, split: str, n: int, *, seed: int = 0, n_train: i
 
     pool = _DigitPool(seed, split) if modality in ("image", "video", "document") else None
     render: Callable[[int], tuple[dict, Any]]
-    if modality == "image":
+    family = "glyph" if corpus == "pretrain" else modality
+    if family == "glyph":
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _MOD_CODE[modality], _SPLIT_CODE[split], 7]))
+        instruction, task = PRETRAIN_INSTRUCTION, "pretrain_glyph_t2i"
+
+        def render(c):
+            img, src = _render_glyph(c, pool, rng)
+            return {"type": "image", "image": img}, src
+    elif modality == "image":
         def render(c):
             img, src = _render_image(c, pool, rng)
             return {"type": "image", "image": img}, src
@@ -424,40 +474,44 @@ def demo_samples(modality: str, split: str, n: int, *, seed: int = 0, n_train: i
         def render(c):
             return {"type": "audio", "waveform": _render_audio(c, rng), "sample_rate": DEMO_SAMPLE_RATE}, None
 
-    sched = _caption_schedule(_NUM_CAPTIONS[modality], n_train, n, seed, modality, split)
+    sched = _caption_schedule(_NUM_CAPTIONS[family], n_train, n, seed, modality, split)
     for cid in sched:
         cid = int(cid)
         pos, src = render(cid)
-        neg_cid = _hard_negative_caption(modality, cid, rng)
+        neg_cid = _hard_negative_caption(family, cid, rng)
         neg, neg_src = render(neg_cid)
-        meta: dict[str, Any] = {"caption": _caption(modality, cid), "neg_labels": [_label(modality, neg_cid)]}
+        meta: dict[str, Any] = {"caption": _caption(family, cid), "neg_labels": [_label(family, neg_cid)]}
         if src is not None:
             meta["source_digits"] = src if isinstance(src, list) else [src]
         yield {
             "task": task, "modality": modality, "instruction": instruction,
-            "query": {"type": "text", "text": _caption(modality, cid)},
+            "query": {"type": "text", "text": _caption(family, cid)},
             "pos": pos,
             "negs": [neg],
-            "label": _label(modality, cid),
+            "label": _label(family, cid),
             "meta": meta,
         }
 
 
 def make_demo_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 1200, n_eval: int = 300,
-                   modalities: Sequence[str] = MODALITIES, overwrite: bool = False, max_per_shard: int = 400,
-                   progress: bool = False, workers: int | None = 2) -> dict[str, Any]:
+                   modalities: Sequence[str] | None = None, overwrite: bool = False, max_per_shard: int = 400,
+                   progress: bool = False, workers: int | None = 2, corpus: str = "recipe") -> dict[str, Any]:
     """Write the demo corpus to ``out_dir/<modality>/{train,eval}/`` and ``out_dir/demo.json``.
 
     Deterministic: the same arguments give byte-identical shards. Defaults: 1200 train samples per modality
     (3 shards of 400) and 300 eval samples (1 shard). Existing split directories are refused unless
     ``overwrite=True`` (checked for all modalities before anything is generated). ``workers`` threads
     generate (modality, split) sets in parallel (the bytes do not depend on it; None = CPU count).
-    Returns a summary dict (also written as ``demo.json``).
+    Returns a summary dict (also written as ``demo.json``). ``corpus="pretrain"`` writes the stage-0 corpus
+    (modalities text and image) instead of the recipe's.
     """
-    modalities = tuple(modalities)
-    bad = [m for m in modalities if m not in MODALITIES]
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    allowed = PRETRAIN_MODALITIES if corpus == "pretrain" else MODALITIES
+    modalities = tuple(allowed if modalities is None else modalities)
+    bad = [m for m in modalities if m not in allowed]
     if bad:
-        raise ValueError(f"unknown modalities {bad}; expected a subset of {MODALITIES}")
+        raise ValueError(f"unknown modalities {bad} for the {corpus} corpus; expected a subset of {allowed}")
     if n_train < 1 or n_eval < 0:
         raise ValueError(f"n_train must be >= 1 and n_eval >= 0 (got {n_train}, {n_eval})")
     root = Path(out_dir)
@@ -478,7 +532,7 @@ def make_demo_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 120
                 labels.add(s["label"])
                 yield s
 
-        index = write_shards(tracked(demo_samples(m, split, n, seed=seed, n_train=n_train)), root, m, split,
+        index = write_shards(tracked(demo_samples(m, split, n, seed=seed, n_train=n_train, corpus=corpus)), root, m, split,
                              max_per_shard=max_per_shard, overwrite=overwrite, progress=progress, total=n)
         return {"dir": f"{m}/{split}", "num_samples": index["num_samples"], "num_shards": len(index["shards"]),
                 "num_labels": len(labels)}
@@ -493,11 +547,15 @@ def make_demo_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 120
 
         with ThreadPoolExecutor(max_workers=workers) as ex:
             results = list(ex.map(run, jobs))
-    summary: dict[str, Any] = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "max_per_shard": max_per_shard,
-                               "modalities": {}}
+    summary: dict[str, Any] = {"seed": seed, "corpus": corpus, "n_train": n_train, "n_eval": n_eval,
+                               "max_per_shard": max_per_shard, "modalities": {}}
     for m in modalities:
-        summary["modalities"][m] = {"task": DEMO_TASKS[m], "instruction": DEMO_INSTRUCTIONS[m], "seed": seed,
-                                    "num_captions": sum(_NUM_CAPTIONS.values()) if m == "text" else _NUM_CAPTIONS[m]}
+        if corpus == "pretrain" and m == "image":
+            task, instruction, n_captions = "pretrain_glyph_t2i", PRETRAIN_INSTRUCTION, _NUM_CAPTIONS["glyph"]
+        else:
+            task, instruction = DEMO_TASKS[m], DEMO_INSTRUCTIONS[m]
+            n_captions = sum(_NUM_CAPTIONS[f] for f in _FAMILIES) if m == "text" else _NUM_CAPTIONS[m]
+        summary["modalities"][m] = {"task": task, "instruction": instruction, "seed": seed, "num_captions": n_captions}
     for (m, split, _), res in zip(jobs, results):
         summary["modalities"][m][split] = res
     # demo.json describes everything under root: keep entries of modalities this call did not regenerate

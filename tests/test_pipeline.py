@@ -1,0 +1,109 @@
+"""The one-command pipeline: a miniature run end to end, the report, skip / redo logic, a failing stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omni_lightning.pipeline import Pipeline, PipelineError, load_pipeline_config, main
+
+MODELS = ["base", "image specialist", "video specialist", "document specialist", "audio specialist", "fused",
+          "recovered", "final (rehearsed)"]
+COLUMNS = ["image", "video", "document", "audio", "text"]
+
+
+def mini_args(out) -> list[str]:
+    """configs/pipeline.yaml cut down to a few CPU steps per stage and a small corpus."""
+    from omni_lightning.pipeline import config_path
+
+    return ["--config", str(config_path("pipeline.yaml")), "--out", str(out),
+            "--data.n_train", "48", "--data.n_eval", "24", "--data.pretrain_n_train", "48",
+            "--data.pretrain_n_eval", "24",
+            "--budget.steps_per_epoch", "2", "--budget.max_epochs", "1", "--budget.batch_size", "8",
+            "--budget.val_batches", "1", "--budget.num_workers", "0", "--budget.logger", "false",
+            "--eval.batch_size", "16", "--eval.pool_size", "8", "--eval.max_samples", "16",
+            "--fuse.sweep_audio", "[1.0]"]
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    assert main(mini_args(out)) == 0
+    return out
+
+
+def test_miniature_pipeline_writes_full_report(mini):
+    report = json.loads((mini / "report.json").read_text())
+    assert list(report["results"])[: len(MODELS)] == MODELS
+    assert "sweep audio α=1" in report["results"]
+    for name in MODELS:
+        assert set(report["results"][name]) == set(COLUMNS), name
+        for m in COLUMNS:
+            assert 0.0 <= report["results"][name][m]["q2c_r1"] <= 1.0
+    md = (mini / "report.md").read_text()
+    for name in MODELS:
+        assert f"| {name} |" in md
+    assert "| model | image | video | document | audio | text |" in md
+    assert (mini / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # recovery trained only the projector: the report checked it tensor by tensor
+    ident = report["backbone_after_recovery"]
+    assert ident["identical"] is True and ident["projector_tensors_changed"] > 0
+    # the pattern checks carry numbers from the results
+    drift = [c for c in report["pattern"] if c["check"].startswith("Projector Drift")][0]
+    spec = report["results"]["audio specialist"]["audio"]["q2c_r1"]
+    fused = report["results"]["fused"]["audio"]["q2c_r1"]
+    assert drift["ok"] == (spec - fused >= 0.2) and f"{spec:.3f}" in drift["measured"]
+    assert set(report["drift"]) == {"audio specialist", "fused", "recovered", "final (rehearsed)"}
+    # every stage left a record; the chain starts from the pretrained base
+    stages = {p.stem for p in (mini / ".pipeline").glob("*.json")}
+    assert {"init", "pretrain-data", "pretrain", "data", "fuse", "recover", "rehearse", "sweep-audio-1"} <= stages
+    from omni_lightning.model.config import OmniConfig
+
+    assert [h["step"] for h in OmniConfig.load(mini / "base").history][-1] == "pretrain"
+
+
+def test_rerun_skips_everything_and_force_redoes_downstream(mini, capsys):
+    cfg, _ = load_pipeline_config(mini_args(mini))
+    pipe = Pipeline(cfg)
+    assert all(pipe.is_done(s) for s in pipe.stages)
+    pipe.run()
+    assert pipe.ran == []
+    cfg, force = load_pipeline_config(mini_args(mini) + ["--force", "fuse"])
+    pipe = Pipeline(cfg, force)
+    pipe.run()
+    # fuse is redone, and so is everything made from its output; the sweep and specialists are not
+    assert pipe.ran == ["fuse", "recover", "rehearse"]
+    out = capsys.readouterr().out
+    assert "[skip] specialist-audio" in out and "[skip] sweep-audio-1" in out
+
+
+def test_changed_config_invalidates_stage(mini, tmp_path):
+    cfg, _ = load_pipeline_config(mini_args(mini) + ["--fuse.alpha", "{image: 0.3, video: 0.3, document: 0.3, audio: 0.6}"])
+    pipe = Pipeline(cfg)
+    status = {s.name: pipe.is_done(s) for s in pipe.stages}
+    assert status["fuse"] is False and status["specialist-audio"] is True and status["sweep-audio-1"] is True
+
+
+def test_failing_stage_stops_and_keeps_finished_stages(mini, tmp_path, capsys):
+    from omni_lightning.pipeline import config_path
+
+    bad = tmp_path / "recover-bad.yaml"
+    bad.write_text(config_path("recover.yaml").read_text().replace("train_parts: [projector]",
+                                                                   "train_parts: [projector]\n    no_such_option: 1"))
+    args = mini_args(mini) + ["--recover", str(bad)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "stage 'recover' failed" in err
+    assert "finished stages (skipped on the next run):" in err and "fuse" in err.split("finished stages")[-1]
+    cfg, _ = load_pipeline_config(args)
+    pipe = Pipeline(cfg)
+    status = {s.name: pipe.is_done(s) for s in pipe.stages}
+    assert status["fuse"] and status["specialist-image"] and not status["recover"]
+    with pytest.raises(PipelineError, match="recover"):
+        pipe.run()
+
+
+def test_unknown_force_stage_is_an_error(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--force", "fusion"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
