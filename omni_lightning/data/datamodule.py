@@ -1,11 +1,13 @@
-"""The one data path of the project: per-modality webdataset streams → batches within a modality.
+"""The one data path of the project: per-modality webdataset streams → batches, as a LightningDataModule.
 
 Every phase uses :class:`OmniDataModule`: a specialist or the recovery phase names one modality, rehearsal
-names several with weights. Training streams are infinite (shards resampled, seeded per rank and worker) and
-an epoch is exactly ``steps_per_epoch`` batches on every rank, whatever the shard counts, so ranks never
-wait on each other and ``len()`` never lies. The modality of global step ``s`` is a function of
-``(seed, s)`` only: every rank trains the same modality at the same step (so cross-device negatives are of
-one kind) and a resumed run continues the same schedule.
+names several with weights. Training batches come from the balanced sampler
+(:mod:`omni_lightning.data.balanced_sampler`): infinite resampled streams, exactly ``steps_per_epoch`` batches
+on every rank per epoch, the modality of global step ``s`` a function of ``(seed, s)`` only (identical on every
+rank and across a stop/resume), an exact mid-epoch resume from a Lightning checkpoint, and the mix actually
+trained attached to each batch for logging. This module wires it into Lightning: it builds the streams,
+tells the stream where to start right before the DataLoader's workers fork, records what training consumed
+(``on_before_batch_transfer``) and saves/restores that position with the checkpoint (``state_dict``).
 
 Batches are collated in the DataLoader workers with the model's own processor (:class:`OmniProcessor`);
 see :mod:`omni_lightning.modules.base` for the batch layout.
@@ -13,8 +15,7 @@ see :mod:`omni_lightning.modules.base` for the batch layout.
 
 from __future__ import annotations
 
-import hashlib
-import random
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,21 +23,18 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from omni_lightning.data.balanced_sampler import (
+    BalancedSchedule,
+    BalancedStream,
+    StreamProgress,
+    check_sources,
+    check_weights,
+    modality_for_step,
+    resolve_weights,
+    stable_seed,
+)
 from omni_lightning.data.schema import MODALITIES
 from omni_lightning.data.shards import SkipCounter, check_shards, iter_samples, read_index, split_dir
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed from any values, identical in every process (unlike ``hash``)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF
-
-
-def modality_for_step(seed: int, step: int, modalities: list[str], weights: list[float]) -> str:
-    """The modality trained at global step ``step`` — a pure function of ``(seed, step)``."""
-    if len(modalities) == 1:
-        return modalities[0]
-    return random.Random(stable_seed("modality-schedule", seed, step)).choices(modalities, weights=weights)[0]
 
 
 class Collator:
@@ -80,44 +78,12 @@ class Collator:
             "modality": modality,
             "size": len(samples),
             "labels": [s.get("label") for s in samples],
+            "keys": [s["key"] for s in samples],
             "num_negatives": K,
             "query": self._side([s["query"] for s in samples], [s["instruction"] for s in samples]),
             "pos": self._side([s["pos"] for s in samples], None),
             "neg": self._side(negs, None) if K else None,
         }
-
-
-class TrainStream(IterableDataset):
-    """Exactly ``steps`` batches per rank per epoch; batch ``s`` of the epoch comes from worker ``s % W``."""
-
-    def __init__(self, dirs: dict[str, str], weights: dict[str, float], collator: Collator, batch_size: int,
-                 steps: int, seed: int, shuffle_buffer: int) -> None:
-        super().__init__()
-        self.dirs, self.weights, self.collator = dirs, weights, collator
-        self.batch_size, self.steps, self.seed, self.shuffle_buffer = batch_size, steps, seed, shuffle_buffer
-        self.start_step = 0  # global step of this epoch's first batch (set by the datamodule)
-        self.skips = SkipCounter()
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
-        mods = list(self.dirs)
-        weights = [self.weights[m] for m in mods]
-        streams: dict[str, Iterator] = {}
-        for local in range(wid, self.steps, nworkers):
-            step = self.start_step + local
-            m = modality_for_step(self.seed, step, mods, weights)
-            if m not in streams:
-                pipe = iter_samples(self.dirs[m], resampled=True, shuffle_buffer=self.shuffle_buffer,
-                                    seed=stable_seed(self.seed, m, self.start_step), handler_skips=self.skips)
-                streams[m] = iter(pipe)
-            samples = [next(streams[m]) for _ in range(self.batch_size)]
-            batch = self.collator(samples, m)
-            batch["skipped"] = self.skips.count
-            yield batch
 
 
 class EvalStream(IterableDataset):
@@ -173,14 +139,19 @@ class OmniDataModule(LightningDataModule):
     Args:
         data_root: dataset root holding ``<modality>/<split>/`` shard sets (``make-demo-data`` writes one).
         modalities: the modalities to train on (one for a specialist or recovery; several for rehearsal).
-        weights: sampling weight per modality (default: equal). Only their ratios matter.
+        weights: sampling weight per modality (default: equal). Only their ratios matter; each must be > 0.
+        size_temperature: instead of ``weights``, weight modality ``m`` by corpus size as ``n_m^(1/T)``
+            (``n_m`` from its train ``index.json``): 1 = proportional to size, larger = closer to equal.
+        mixed_batches: every batch holds all modalities (per-modality sub-batches of sizes ``B·p_m``, loss per
+            sub-batch, averaged by size) instead of one modality per batch (the default).
         model: the model directory whose processor builds the inputs (linked from the module by the CLI).
-        batch_size: pairs per batch (per rank); every batch holds one modality.
+        batch_size: pairs per batch (per rank).
         steps_per_epoch: training batches per rank per epoch (exact).
         val_batches: at most this many validation batches per modality (``None``: the whole eval split).
         num_negatives: hard negatives per query taken from each sample's ``negs`` (0: in-batch only).
         chunk_size: split each side into chunks of this size (GradCache; linked from the module).
-        num_workers: DataLoader workers decoding and collating in parallel.
+        num_workers: DataLoader workers decoding and collating in parallel (an exact resume needs the same
+            value as the run that wrote the checkpoint).
         shuffle_buffer: samples held in the shuffle buffer of each stream.
         train_split, val_split: split names under each modality folder.
         seed: seeds the modality schedule and the streams.
@@ -191,6 +162,8 @@ class OmniDataModule(LightningDataModule):
         data_root: str,
         modalities: list[str],
         weights: dict[str, float] | None = None,
+        size_temperature: float | None = None,
+        mixed_batches: bool = False,
         model: str = "",
         batch_size: int = 32,
         steps_per_epoch: int = 100,
@@ -207,29 +180,40 @@ class OmniDataModule(LightningDataModule):
         unknown = [m for m in modalities if m not in MODALITIES]
         if not modalities or unknown:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}; got {modalities}")
-        weights = dict(weights or {m: 1.0 for m in modalities})
-        if set(weights) != set(modalities):
-            raise ValueError(f"weights {sorted(weights)} must name exactly the modalities {sorted(modalities)}")
-        bad = {m: w for m, w in weights.items() if not w > 0}
-        if bad:
-            raise ValueError(f"modality weights must be > 0; got {bad} (drop a modality from `modalities` instead)")
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities {modalities} name a modality twice")
+        self.weights = check_weights(modalities, weights)  # clear errors now; resolved against sizes in setup
+        if self.weights is not None and size_temperature is not None:
+            raise ValueError("set either data.init_args.weights or data.init_args.size_temperature, not both")
+        if size_temperature is not None and not (math.isfinite(size_temperature) and size_temperature > 0):
+            raise ValueError(f"size_temperature must be > 0; got {size_temperature} "
+                             "(1 = proportional to corpus size, larger = closer to equal weights)")
         if batch_size < 1 or steps_per_epoch < 1:
             raise ValueError("batch_size and steps_per_epoch must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0; got {num_workers}")
         self.data_root = data_root
         self.modalities = list(modalities)
-        self.weights = weights
+        self.size_temperature, self.mixed_batches = size_temperature, mixed_batches
         self.model_dir = model
         self.batch_size, self.steps_per_epoch, self.val_batches = batch_size, steps_per_epoch, val_batches
         self.num_negatives, self.chunk_size, self.num_workers = num_negatives, chunk_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.train_split, self.val_split = train_split, val_split
-        self._train: TrainStream | None = None
+        self.probs: dict[str, float] | None = None  # sampling probabilities, resolved in setup("fit")
+        self._train: BalancedStream | None = None
+        self._progress: StreamProgress | None = None
+        self._pending_state: dict[str, Any] | None = None
 
     def _dirs(self, split: str) -> dict[str, str]:
         dirs = {}
         for m in self.modalities:
             d = split_dir(self.data_root, m, split)
-            read_index(d)  # clear error naming the missing folder / index / shard
+            try:
+                read_index(d)  # clear error naming the missing folder / index / shard
+            except (FileNotFoundError, ValueError) as exn:
+                raise type(exn)(f"modality {m!r} ({split}): {exn}. Write its shards (make-demo-data / shard) or "
+                                "drop it from data.init_args.modalities") from exn
             dirs[m] = str(d)
         return dirs
 
@@ -239,10 +223,21 @@ class OmniDataModule(LightningDataModule):
         collator = Collator(self.model_dir, self.chunk_size, self.num_negatives)
         if stage == "fit":
             train_dirs = self._dirs(self.train_split)
+            indexes = {m: read_index(d) for m, d in train_dirs.items()}
+            sizes = {m: int(ix["num_samples"]) for m, ix in indexes.items()}
+            world = self.trainer.world_size if self.trainer is not None else _rank_world()[1]
+            check_sources(sizes, {m: len(ix["shards"]) for m, ix in indexes.items()}, train_dirs,
+                          self.num_workers, world)
             for d in train_dirs.values():
                 check_shards(d, n=1)  # a wrong schema is an error now, not at step 900
-            self._train = TrainStream(train_dirs, self.weights, collator, self.batch_size, self.steps_per_epoch,
-                                      self.seed, self.shuffle_buffer)
+            self.probs = resolve_weights(self.modalities, self.weights, self.size_temperature, sizes)
+            schedule = BalancedSchedule(self.modalities, self.probs, self.batch_size, self.seed, self.mixed_batches)
+            self._train = BalancedStream(train_dirs, schedule, collator, self.steps_per_epoch, self.seed,
+                                         self.shuffle_buffer)
+            self._progress = StreamProgress(schedule, self.steps_per_epoch, self.num_workers)
+            if self._pending_state is not None:
+                self._progress.load_state_dict(self._pending_state)
+                self._pending_state = None
         if stage in ("fit", "validate", "test"):
             val_dirs = self._dirs(self.val_split)
             for d in val_dirs.values():
@@ -250,17 +245,13 @@ class OmniDataModule(LightningDataModule):
             self._val = EvalStream(val_dirs, collator, self.batch_size, self.val_batches)
 
     def _loader(self, ds: IterableDataset) -> DataLoader:
-        return _StepAwareLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
-
-    def _global_step(self) -> int:
-        trainer = self.trainer
-        return int(trainer.fit_loop.epoch_loop._batches_that_stepped) if trainer is not None else 0
+        return _StreamLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
 
     def train_dataloader(self) -> DataLoader:
         assert self._train is not None
         loader = self._loader(self._train)
-        # each epoch starts at the current global step: the schedule continues across epochs and resumes
-        loader.before_iter = lambda ds: setattr(ds, "start_step", self._global_step())
+        loader.before_iter = self._begin_train_epoch
+        loader.progress = self._progress
         return loader
 
     def val_dataloader(self) -> DataLoader:
@@ -269,20 +260,85 @@ class OmniDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._val)
 
+    # ------------------------------------------------------------------ stream position and mix
+    def _begin_train_epoch(self, ds: BalancedStream) -> None:
+        """Runs in the main process right before the workers copy the stream: where this iteration starts."""
+        assert self._progress is not None
+        rank, world = _rank_world()
+        trainer_epoch = self.trainer.current_epoch if self.trainer is not None else None
+        epoch, offset, extras = self._progress.begin_epoch(trainer_epoch, rank, world)
+        ds.set_position(epoch, offset, rank, world, extras)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record each training batch as training takes it (this hook runs right before the step)."""
+        if isinstance(batch, dict) and "stream" in batch:
+            meta = batch.pop("stream")
+            trainer = self.trainer
+            if self._progress is not None and (trainer is None or trainer.training):
+                self._progress.observe(meta)
+                batch["skipped"] = self._progress.skipped
+                if len(self.modalities) > 1:
+                    batch["mix"] = self._progress.mix_fractions()
+        return batch
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """Share of trained samples per modality so far (``{}`` before training)."""
+        return self._progress.mix_fractions() if self._progress is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (every rank's part), saved in Lightning checkpoints."""
+        if self._progress is None:
+            return {}
+        extras = [dict(self._progress.extras)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # checkpoints are dumped on every rank together (Trainer.save_checkpoint's contract); only rank 0's
+            # copy is written, so it must hold every rank's failed-decode counts
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, extras[0])
+            extras = gathered
+        limit = None
+        if self.trainer is not None and math.isfinite(self.trainer.num_training_batches):
+            limit = int(self.trainer.num_training_batches)
+        return {"train_stream": self._progress.state_dict(extras, limit)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_stream")
+        if not state:
+            return
+        if self._progress is not None:
+            self._progress.load_state_dict(state)
+        else:  # restored before setup: applied when the stream is built
+            self._pending_state = dict(state)
+
 
 def _identity(x: Any) -> Any:
     return x
 
 
-class _StepAwareLoader(DataLoader):
-    """A DataLoader that lets its dataset learn the global step right before workers copy it."""
+class _StreamLoader(DataLoader):
+    """A DataLoader that lets the datamodule position its stream right before workers copy it.
+
+    It is *stateful* for Lightning (``state_dict``/``load_state_dict``) so that a mid-epoch resume is not
+    flagged as inexact: the position itself is saved and restored by :meth:`OmniDataModule.state_dict`, which
+    Lightning restores in every case (also at epoch boundaries, where it skips loader states).
+    """
 
     before_iter = None
+    progress: StreamProgress | None = None
 
     def __iter__(self):
         if self.before_iter is not None:
             self.before_iter(self.dataset)
         return super().__iter__()
 
+    def state_dict(self) -> dict[str, Any]:
+        p = self.progress
+        return {"restored_by": "OmniDataModule.load_state_dict",
+                **({"epoch": p.epoch, "next": p.next} if p is not None else {})}
 
-__all__ = ["Collator", "EvalStream", "OmniDataModule", "TrainStream", "modality_for_step", "stable_seed"]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to do: the datamodule has restored the position already (see the class docstring)."""
+
+
+__all__ = ["Collator", "EvalStream", "OmniDataModule", "modality_for_step", "stable_seed"]

@@ -19,7 +19,8 @@ composes -- shard list → ``split_by_node`` → ``split_by_worker`` → open �
 ``group_by_keys`` (all with the skip-counting handler) -- then an
 optional seeded shuffle buffer and :func:`~.schema.decode_sample`. It is assembled stage by stage rather than
 through ``wds.WebDataset(resampled=True)`` because the latter seeds its shard sampler from pid, time and
-``os.urandom``; here resampling is deterministic per (seed, rank, worker, epoch). Corrupt or invalid samples
+``os.urandom``; here resampling is deterministic per (seed, rank, worker, epoch) -- or per (seed,
+``worker_key``, epoch) when the caller names the stream itself (the balanced sampler does). Corrupt or invalid samples
 are skipped and counted in a :class:`SkipCounter`; :func:`check_shards` validates the first samples of every
 shard at start-up so that a wrong schema is a clear error before training begins.
 """
@@ -417,6 +418,7 @@ class ShardPipeline(wds.DataPipeline, wds.FluidInterface):
 
     skips: SkipCounter
     urls: list[str]
+    decoder: "_Decode"
 
 
 class _ShardList(IterableDataset):
@@ -437,14 +439,16 @@ class _ShardList(IterableDataset):
 
 
 class _Shuffle:
-    """Sample shuffle buffer seeded from (seed, rank/worker, epoch) at iteration time."""
+    """Sample shuffle buffer seeded from (seed, rank/worker, epoch) at iteration time; ``worker_key`` (when
+    not None) replaces the rank/worker part so the caller decides which process reads which stream."""
 
-    def __init__(self, bufsize: int, seed: int):
-        self.bufsize, self.seed, self.epoch = bufsize, seed, -1
+    def __init__(self, bufsize: int, seed: int, worker_key: int | None = None):
+        self.bufsize, self.seed, self.epoch, self.worker_key = bufsize, seed, -1, worker_key
 
     def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
         self.epoch += 1
-        rng = random.Random(make_seed(self.seed, pytorch_worker_seed(), self.epoch))
+        key = pytorch_worker_seed() if self.worker_key is None else self.worker_key
+        rng = random.Random(make_seed(self.seed, key, self.epoch))
         buf: list[Any] = []
         for sample in src:
             if len(buf) < self.bufsize:
@@ -475,18 +479,43 @@ def _open_shards(src: Iterable[dict[str, Any]], handler: SkipCounter) -> Iterato
             stream.close()
 
 
+class _Skip:
+    """Drop the first ``n`` raw samples (fast-forward a seeded stream to a known position without decoding)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        it = iter(src)
+        for _ in range(self.n):
+            if next(it, _END) is _END:
+                return
+        yield from it
+
+
+_END = object()
+
+
 class _Decode:
+    """Decode raw samples; invalid ones are skipped and counted. ``raw_in`` counts the raw samples that reached
+    this stage (its input position) and ``failed`` the ones that did not decode, so a stream's position after
+    ``k`` decoded samples is ``k + failed``."""
+
     def __init__(self, skips: SkipCounter, max_consecutive: int):
         self.skips, self.max_consecutive = skips, max_consecutive
+        self.raw_in = 0
+        self.failed = 0
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         bad = 0
         for raw in src:
+            self.raw_in += 1
             shard = raw.get("__url__", "<unknown shard>")
             try:
                 sample = decode_sample(raw, shard)
             except SchemaError as exn:
                 self.skips.record(exn, shard)
+                self.failed += 1
                 bad += 1
                 if self.max_consecutive and bad >= self.max_consecutive:
                     raise SchemaError(shard, raw.get("__key__"), "*",
@@ -500,7 +529,7 @@ class _Decode:
 def iter_samples(urls_or_dir: str | os.PathLike | Sequence[str], *, resampled: bool = False,
                  shuffle_buffer: int = 0, seed: int = 0, handler_skips: SkipCounter | None = None,
                  shardshuffle: bool = False, max_consecutive_skips: int = 1000, split_nodes: bool = True,
-                 split_workers: bool = True) -> ShardPipeline:
+                 split_workers: bool = True, worker_key: int | None = None, skip: int = 0) -> ShardPipeline:
     """Stream decoded samples (see :func:`~.schema.decode_sample`) from a shard set.
 
     * ``urls_or_dir``: a shard-set directory (``index.json`` is read), a shard path / brace pattern, or a list.
@@ -510,7 +539,13 @@ def iter_samples(urls_or_dir: str | os.PathLike | Sequence[str], *, resampled: b
       all shards (for callers that partition batches themselves).
     * ``resampled=True``: an infinite stream of shards drawn with replacement,
       seeded from ``(seed, rank*1000 + worker, epoch)`` -- use ``.with_epoch(n)`` to bound an epoch.
+    * ``worker_key``: with ``resampled``/``shuffle_buffer``, replaces webdataset's ``rank*1000 + worker`` in
+      the seeds, so the stream depends only on ``(seed, worker_key)`` whichever process reads it (the
+      balanced sampler keys its streams by step lane, not by worker id).
     * ``shuffle_buffer > 0``: seeded sample shuffle buffer of that size (before decoding).
+    * ``skip``: drop the first ``skip`` samples after the shuffle buffer, before decoding: a cheap fast-forward
+      to a known position of a seeded stream. ``pipeline.decoder.raw_in`` counts the samples that reached
+      decoding after that (valid or not), so the stream's position is ``skip + raw_in``.
     * Corrupt/invalid samples are skipped and counted in ``handler_skips`` (a new :class:`SkipCounter` when
       None; available as ``pipeline.skips``). More than ``max_consecutive_skips`` invalid samples in a row
       raise :class:`SchemaError` (a wrong data set must not spin silently forever); 0 disables the guard.
@@ -519,7 +554,8 @@ def iter_samples(urls_or_dir: str | os.PathLike | Sequence[str], *, resampled: b
     skips = handler_skips if handler_skips is not None else SkipCounter()
     stages: list[Any] = []
     if resampled:
-        stages.append(wds.ResampledShards(urls, seed=seed, deterministic=True))
+        worker_seed = None if worker_key is None else functools.partial(_constant, int(worker_key))
+        stages.append(wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=worker_seed))
     else:
         stages.append(_ShardList(urls, shardshuffle, seed))
         # split_nodes/split_workers=False: every rank / worker reads every shard (the caller partitions)
@@ -528,12 +564,20 @@ def iter_samples(urls_or_dir: str | os.PathLike | Sequence[str], *, resampled: b
     stages.append(functools.partial(wds.tariterators.tar_file_expander, handler=skips))
     stages.append(functools.partial(wds.tariterators.group_by_keys, handler=skips))
     if shuffle_buffer and shuffle_buffer > 1:
-        stages.append(_Shuffle(int(shuffle_buffer), seed))
-    stages.append(_Decode(skips, max_consecutive_skips))
+        stages.append(_Shuffle(int(shuffle_buffer), seed, worker_key))
+    if skip:
+        stages.append(_Skip(skip))
+    decoder = _Decode(skips, max_consecutive_skips)
+    stages.append(decoder)
     pipe = ShardPipeline(*stages)
     pipe.skips = skips
     pipe.urls = urls
+    pipe.decoder = decoder
     return pipe
+
+
+def _constant(value: int) -> int:
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------

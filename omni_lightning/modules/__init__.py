@@ -2,6 +2,7 @@
 
 from omni_lightning.modules.base import LoraSettings, LossSettings, OmniModule
 from omni_lightning.modules.recovery import RecoveryModule
+from omni_lightning.modules.rehearsal import RehearsalModule
 from omni_lightning.modules.specialist import SpecialistModule
 
-__all__ = ["LoraSettings", "LossSettings", "OmniModule", "RecoveryModule", "SpecialistModule"]
+__all__ = ["LoraSettings", "LossSettings", "OmniModule", "RecoveryModule", "RehearsalModule", "SpecialistModule"]

@@ -5,15 +5,20 @@ they subclass :class:`OmniModule` and stay thin.
 
 Batches (built by :mod:`omni_lightning.data.datamodule`) hold one modality each::
 
-    {"modality": str, "size": B, "labels": [str|None] * B, "num_negatives": K,
-     "query": [chunk inputs...], "pos": [chunk inputs...], "neg": [chunk inputs...] or None, "skipped": int}
+    {"modality": str, "size": B, "labels": [str|None] * B, "keys": [str] * B, "num_negatives": K,
+     "query": [chunk inputs...], "pos": [chunk inputs...], "neg": [chunk inputs...] or None,
+     "skipped": int, "mix": {modality: share of trained samples so far}  # mix: several modalities only}
 
 Each side is a list of model-input chunks (one chunk unless GradCache is on); ``neg`` holds ``B*K`` items in
-query order.
+query order. In mixed-batch mode (``data.init_args.mixed_batches``) a batch is ``{"modality": "mixed",
+"size": B, "parts": [one such batch per modality], ...}``: each part is encoded and scored on its own (in-batch
+and cross-device negatives stay within a modality; part sizes are equal on every rank by construction) and the
+step's loss is the size-weighted mean of the parts' losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,25 +187,41 @@ class OmniModule(LightningModule):
         return sides, loss_fn
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        sides, loss_fn = self._loss_on(batch)
+        parts = batch["parts"] if "parts" in batch else [batch]  # mixed batch: one part per modality
+        total = batch["size"]
+        losses: list[Tensor] = []
         if self.automatic_optimization:
-            loss = loss_fn(*[self.encode_chunks(s) for s in sides])
+            for part in parts:
+                sides, loss_fn = self._loss_on(part)
+                losses.append(loss_fn(*[self.encode_chunks(s) for s in sides]))
+            loss = sum(part["size"] / total * lp for part, lp in zip(parts, losses))
         else:
             opt = self.optimizers()
             no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
-            loss = grad_cache_step(self.model, sides, loss_fn, backward=self.manual_backward, no_sync=no_sync,
-                                   needs_grad=self.embedder._reaches_trainable)
+            for i, part in enumerate(parts):
+                sides, loss_fn = self._loss_on(part)
+                w = part["size"] / total
+                # gradients of all parts are reduced once, with the last part's last backward
+                ctx = no_sync() if (no_sync is not None and i < len(parts) - 1) else contextlib.nullcontext()
+                with ctx:
+                    lp = grad_cache_step(self.model, sides, lambda *e, f=loss_fn, w=w: w * f(*e),
+                                         backward=self.manual_backward, no_sync=no_sync,
+                                         needs_grad=self.embedder._reaches_trainable)
+                losses.append(lp / w)
+            loss = sum(part["size"] / total * lp for part, lp in zip(parts, losses))
             opt.step()
             opt.zero_grad()
             sch = self.lr_schedulers()
             if sch is not None:
                 sch.step()
-        m = batch["modality"]
-        self.log(f"{self.phase}/train/loss", loss, prog_bar=True, batch_size=batch["size"])
-        self.log(f"{self.phase}/train/loss/{m}", loss, batch_size=batch["size"])
-        self.log(f"{self.phase}/data/skipped", float(batch.get("skipped", 0)), reduce_fx="max", batch_size=batch["size"])
+        self.log(f"{self.phase}/train/loss", loss, prog_bar=True, batch_size=total)
+        for part, lp in zip(parts, losses):
+            self.log(f"{self.phase}/train/loss/{part['modality']}", lp, batch_size=part["size"])
+        self.log(f"{self.phase}/data/skipped", float(batch.get("skipped", 0)), reduce_fx="max", batch_size=total)
+        for m, share in (batch.get("mix") or {}).items():  # what the sampler actually produced so far
+            self.log(f"{self.phase}/mix/{m}", float(share), batch_size=total)
         if self.loss_settings.learnable_temperature:
-            self.log(f"{self.phase}/train/temperature", self.loss_fn.temperature, batch_size=batch["size"])
+            self.log(f"{self.phase}/train/temperature", self.loss_fn.temperature, batch_size=total)
         return loss if self.automatic_optimization else None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

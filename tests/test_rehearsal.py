@@ -1,0 +1,147 @@
+"""The rehearsal phase: config run and export, module defaults, LoRA merge, logged mix, exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import demo_items, fit_args
+from omni_lightning.cli import main
+from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor
+from omni_lightning.model.omni import load_safetensors_dir
+
+REPO = Path(__file__).resolve().parents[1]
+MODS = ["image", "video", "document", "audio"]
+
+
+def test_rehearse_config_runs_and_exports(tiny_model_dir, demo_root, tmp_path):
+    out = tmp_path / "final"
+    main(fit_args(REPO / "configs" / "rehearse.yaml", tiny_model_dir, demo_root, out))
+    cfg = OmniConfig.load(out)
+    rec = cfg.history[-1]
+    assert rec["step"] == "rehearse" and rec["global_step"] == 3
+    assert rec["weights"] == {m: 0.25 for m in MODS} and rec["mixed_batches"] is False
+    assert sum(rec["mix"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(v * 3 == pytest.approx(round(v * 3), abs=1e-5) for v in rec["mix"].values())  # shares of 3 batches
+
+    base, trained = load_safetensors_dir(tiny_model_dir), load_safetensors_dir(out)
+    assert base.keys() == trained.keys()  # LoRA merged: dense, the same tensors
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert changed and all(k.startswith("backbone.") for k in changed), sorted(changed)[:5]
+    assert not any(k.startswith(("audio_encoder.", "projector.")) for k in changed)  # frozen by default
+
+    model, proc = OmniEmbedder.from_pretrained(out).eval(), OmniProcessor.from_pretrained(out)
+    with torch.no_grad():
+        emb = model.encode(proc, demo_items())
+    assert emb.shape == (len(demo_items()), model.embedding_dim) and torch.isfinite(emb).all()
+
+
+def test_rehearsal_defaults_and_parts(tiny_model_dir):
+    from omni_lightning.modules import RehearsalModule
+
+    module = RehearsalModule(model=str(tiny_model_dir))
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    prefixes = {n.split(".lora_")[0].replace("base_model.model.", "").split(".")[1] for n in trainable}
+    assert prefixes == {"language_model", "visual"}  # the backbone group: LLM + vision encoder
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 1e-5  # the paper's value
+    with_projector = RehearsalModule(model=str(tiny_model_dir), train_parts=["projector"])
+    assert any(n.startswith("base_model.model.projector.") and p.requires_grad
+               for n, p in with_projector.model.named_parameters())
+
+
+def test_lora_merged_export_equals_wrapped_model(tiny_model_dir, tmp_path):
+    from omni_lightning.modules import RehearsalModule
+
+    module = RehearsalModule(model=str(tiny_model_dir))
+    torch.manual_seed(0)
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # non-zero adapters (lora_B starts at zero)
+    module.eval()
+    proc = OmniProcessor.from_pretrained(tiny_model_dir)
+    batch = proc(demo_items(), "x")
+    with torch.no_grad():
+        wrapped = module.model(batch)
+        plain = OmniEmbedder.from_pretrained(tiny_model_dir).eval()(batch)
+    assert (wrapped - plain).abs().max() > 1e-3  # the adapters matter
+    out = module.export(tmp_path / "merged")
+    with torch.no_grad():
+        merged = OmniEmbedder.from_pretrained(out).eval()(batch)
+    torch.testing.assert_close(merged, wrapped, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+
+def _fit(model_dir, data_root, tmp, *, num_workers, mixed, mods=MODS, max_steps=-1, save_at=None, ckpt=None,
+         logger=False):
+    """Rehearsal on the tiny model: 2 epochs of 4 steps; records (global step, modality, samples) per batch."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from omni_lightning.data.datamodule import OmniDataModule
+    from omni_lightning.modules import LoraSettings, LossSettings, RehearsalModule
+
+    class Record(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            parts = batch.get("parts", [batch])
+            self.seen.append((trainer.global_step, batch["modality"],
+                              tuple((p["modality"], k) for p in parts for k in p["keys"])))
+
+    pl.seed_everything(0)
+    module = RehearsalModule(model=str(model_dir), lora=LoraSettings(parts=["backbone"], r=4),
+                             loss=LossSettings(temperature=0.05),
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    data = OmniDataModule(str(data_root), mods, model=str(model_dir), batch_size=4, steps_per_epoch=4,
+                          val_batches=1, num_workers=num_workers, shuffle_buffer=8, mixed_batches=mixed)
+    record = Record()
+    callbacks = [record] + ([ModelCheckpoint(dirpath=tmp, every_n_train_steps=save_at, save_top_k=-1)]
+                            if save_at else [])
+    trainer = pl.Trainer(max_epochs=2, max_steps=max_steps, enable_checkpointing=bool(save_at),
+                         logger=CSVLogger(tmp, name="log") if logger else False, log_every_n_steps=1,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp, callbacks=callbacks)
+    # our own checkpoint; its hyper-parameters hold a LoraSettings and a lambda, hence weights_only=False
+    trainer.fit(module, data, ckpt_path=ckpt, weights_only=False)
+    weights = {k: v.detach().clone() for k, v in module.model.named_parameters() if v.requires_grad}
+    return weights, record.seen, trainer, data
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("num_workers,stop,mixed", [(0, 6, False), (2, 3, True)], ids=["in-process", "2-workers-mixed"])
+def test_mid_epoch_resume_is_exact(tiny_model_dir, demo_root, tmp_path, num_workers, stop, mixed):
+    """Uninterrupted vs stopped at `stop` (mid-epoch; with 2 workers at an odd offset, so lanes swap workers) and
+    resumed from the checkpoint: the same batches in the same order and bitwise-equal weights."""
+    mods = ["image", "audio"] if mixed else MODS  # mixed: 2 sub-batches of 2 per step
+    kw = dict(num_workers=num_workers, mixed=mixed, mods=mods)
+    full, seen_full, trainer, data = _fit(tiny_model_dir, demo_root, tmp_path / "full", logger=not mixed, **kw)
+    _, seen_a, _, _ = _fit(tiny_model_dir, demo_root, tmp_path / "a", max_steps=stop, save_at=stop, **kw)
+    ckpt = next((tmp_path / "a").glob(f"*step={stop}.ckpt"))
+    state = torch.load(ckpt, weights_only=False)["OmniDataModule"]["train_stream"]
+    assert (state["epoch"], state["next"]) == divmod(stop, 4) and state["next"] > 0  # stopped mid-epoch
+    resumed, seen_b, _, _ = _fit(tiny_model_dir, demo_root, tmp_path / "b", ckpt=str(ckpt), **kw)
+
+    assert len(seen_full) == 8 and [s[0] for s in seen_a + seen_b] == list(range(8))
+    assert [s[1:] for s in seen_a + seen_b] == [s[1:] for s in seen_full]  # same modalities, samples, order
+    assert full.keys() == resumed.keys() and len(full) > 0
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k  # bitwise on CPU
+
+    if mixed:
+        assert all(s[1] == "mixed" and {m for m, _ in s[2]} == {"image", "audio"} for s in seen_full)
+    else:  # the logged mix is what training consumed
+        rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+        last = [r for r in rows if r.get("rehearse/mix/image")][-1]
+        counts = {m: sum(s[1] == m for s in seen_full) for m in MODS}
+        for m in MODS:
+            assert float(last[f"rehearse/mix/{m}"]) == pytest.approx(counts[m] / 8)
+        assert data.mix == {m: counts[m] / 8 for m in MODS}
