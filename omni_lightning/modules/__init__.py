@@ -1,8 +1,10 @@
 """One LightningModule per phase, all thin, all on :class:`OmniModule` (which owns the contrastive core)."""
 
 from omni_lightning.modules.base import LoraSettings, LossSettings, OmniModule
+from omni_lightning.modules.pretrain import PretrainModule
 from omni_lightning.modules.recovery import RecoveryModule
 from omni_lightning.modules.rehearsal import RehearsalModule
 from omni_lightning.modules.specialist import SpecialistModule
 
-__all__ = ["LoraSettings", "LossSettings", "OmniModule", "RecoveryModule", "RehearsalModule", "SpecialistModule"]
+__all__ = ["LoraSettings", "LossSettings", "OmniModule", "PretrainModule", "RecoveryModule", "RehearsalModule",
+           "SpecialistModule"]
