@@ -8,8 +8,9 @@ video frame strips as ``wandb.Image``, clips as ``wandb.Audio``, each captioned 
 with and its score), whether hit 1 is relevant (same ``label``, else the query's own pair) and the rank of
 the first relevant candidate.
 
-:class:`RetrievalExamples` logs it as ``<phase>/eval/examples`` when training ends (rank 0, only when a
-``WandbLogger`` is attached; with any other logger it does nothing). The eval job
+:class:`RetrievalExamples` logs one table per modality (a column holds one kind of media),
+``<phase>/eval/examples/<modality>``, when training ends (rank 0, only when a ``WandbLogger`` is attached; with
+any other logger it does nothing). The eval job
 (``python -m omni_lightning.tracking eval``) logs the same table for each model it evaluates.
 """
 
@@ -107,7 +108,8 @@ def table_columns(top_k: int) -> list[str]:
 
 
 def wandb_table(rows: list[dict[str, Any]], top_k: int = 3):
-    """The rows of :func:`retrieval_examples` as a ``wandb.Table``."""
+    """The rows of :func:`retrieval_examples` (of one modality: a column holds one kind of media) as a
+    ``wandb.Table``."""
     import wandb
 
     data = []
@@ -135,7 +137,7 @@ def examples_for_model(model_dir: str | Path, data_root: str | Path, modalities:
 
 
 class RetrievalExamples(Callback):
-    """Log ``<phase>/eval/examples`` (a table of retrieval examples with media) when training ends.
+    """Log ``<phase>/eval/examples/<modality>`` (tables of retrieval examples with media) when training ends.
 
     Args:
         num_queries: queries (rows) per modality.
@@ -181,10 +183,12 @@ class RetrievalExamples(Callback):
             pool = load_pool(root, m, self.split, self.pool_size)
             self.rows += retrieval_examples(pl_module.embedder, processor, pool, self.num_queries, self.top_k,
                                             self.batch_size)
-        if self.rows:
-            table = wandb_table(self.rows, self.top_k)
+        tables = {examples_table(pl_module.phase, m): wandb_table([r for r in self.rows if r["modality"] == m],
+                                                                 self.top_k)
+                  for m in dict.fromkeys(r["modality"] for r in self.rows)}
+        if tables:
             for lg in loggers:
-                lg.log_metrics({examples_table(pl_module.phase): table}, step=trainer.global_step)
+                lg.log_metrics(tables, step=trainer.global_step)
 
 
 __all__ = ["RetrievalExamples", "examples_for_model", "load_pool", "retrieval_examples", "to_media", "wandb_table"]

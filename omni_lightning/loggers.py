@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from omni_lightning.tracking import project_name, run_id, wandb_mode
 
@@ -50,6 +51,15 @@ class OmniWandbLogger(WandbLogger):
                          log_model=log_model, entity=entity, group=group or os.environ.get("WANDB_RUN_GROUP"),
                          job_type=job_type, tags=tags, mode=mode)
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning passes None, wandb warns
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Also finish the W&B run when the fit ends (successfully or not), so that a later fit in the same
+        process (``omni-lightning pipeline``, tests) starts its own run instead of reusing this one."""
+        super().finalize(status)
+        if status in ("success", "failed") and self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
 
 
 __all__ = ["OmniWandbLogger"]

@@ -4,8 +4,8 @@
 function here, following ``<phase>/<split>/<metric>/<modality>``. The training modules log
 ``<phase>/train/loss[/<modality>]``, ``<phase>/val/{loss,r1}/<modality>`` and ``<phase>/data/skipped``
 (:mod:`omni_lightning.modules.base`); ``ProjectorDrift`` logs ``<phase>/drift/<metric>``; the balanced sampler
-``rehearse/mix/<modality>``; the callbacks of this project ``<phase>/train/samples_per_sec`` and the table
-``<phase>/eval/examples``; eval jobs ``<phase>/eval/<metric>/<modality>``; the fuse job ``fuse/...``.
+``rehearse/mix/<modality>``; the callbacks of this project ``<phase>/train/samples_per_sec`` and the tables
+``<phase>/eval/examples/<modality>``; eval jobs ``<phase>/eval/<metric>/<modality>``; the fuse job ``fuse/...``.
 :func:`panels` lists, per dashboard section, which of them are plotted; :mod:`omni_lightning.dashboard` turns
 that into a W&B workspace and the tests check the names against what an offline run really recorded.
 Phase names are the modules' ``phase``: ``specialist`` (one run per modality), ``recover``, ``rehearse``;
@@ -81,8 +81,8 @@ def eval_metric(phase: str, metric: str, modality: str) -> str:
     return f"{phase}/eval/{metric}/{modality}"
 
 
-def examples_table(phase: str) -> str:
-    return f"{phase}/eval/examples"
+def examples_table(phase: str, modality: str) -> str:
+    return f"{phase}/eval/examples/{modality}"
 
 
 def fuse_norm(name: str) -> str:
@@ -130,7 +130,7 @@ def panels(section: str, modalities: tuple[str, ...] | None = None, names: tuple
             out.append(Panel("sampler mix (share of samples)", "line", tuple(mix(p, m) for m in mods)))
         out += [Panel(f"eval {metric} per modality", "bar", tuple(eval_metric(p, metric, m) for m in mods))
                 for metric in EVAL_METRICS]
-        out.append(Panel("retrieval examples", "table", (examples_table(p),)))
+        out += [Panel(f"retrieval examples: {m}", "table", (examples_table(p, m),)) for m in mods]
         return out
     if section == "fuse":
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -254,7 +254,8 @@ def log_eval(model_dir: str | os.PathLike, results: dict[str, dict[str, Any]], s
             from omni_lightning.callbacks.retrieval_examples import examples_for_model, wandb_table
 
             rows = examples_for_model(model_dir, data_root, list(results), num_queries=examples, top_k=top_k)
-            run.log({STEP_KEY: 0, examples_table(phase): wandb_table(rows, top_k)})
+            run.log({STEP_KEY: 0, **{examples_table(phase, m): wandb_table([r for r in rows if r["modality"] == m], top_k)
+                                     for m in dict.fromkeys(r["modality"] for r in rows)}})
         return str(Path(run.dir).parent)
     finally:
         run.finish()
@@ -271,6 +272,7 @@ class OfflineRun:
     summary: dict[str, Any]
     step_metrics: dict[str, str]  # metric name or glob -> its step metric
     config: dict[str, Any]
+    artifacts: dict[str, dict[str, str]]  # artifact name -> {path in the artifact: staged local file}
 
     def has(self, key: str) -> bool:
         """Whether the run logged ``key`` (a scalar, or a table/media value stored as ``key/...`` fields)."""
@@ -320,6 +322,7 @@ def read_offline_run(run_dir: str | os.PathLike) -> OfflineRun:
     summary: dict[str, Any] = {}
     steps: dict[str, str] = {}
     config: dict[str, Any] = {}
+    artifacts: dict[str, dict[str, str]] = {}
     rid = files[0].stem.removeprefix("run-")
     for rec in _records(files[0]):
         kind = rec.WhichOneof("record_type")
@@ -327,15 +330,21 @@ def read_offline_run(run_dir: str | os.PathLike) -> OfflineRun:
             keys.update(it.key or "/".join(it.nested_key) for it in rec.history.item)
         elif kind == "summary":
             for it in rec.summary.update:
-                summary[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
+                path = [it.key] if it.key else list(it.nested_key)
+                d = summary
+                for part in path[:-1]:  # a table or media value: {"_type": ..., "path": ..., ...}
+                    d = d.setdefault(part, {})
+                d[path[-1]] = json.loads(it.value_json)
         elif kind == "metric":
             m = rec.metric
             if m.step_metric:
                 steps[m.name or m.glob_name] = m.step_metric
-        elif kind == "config":
-            for it in rec.config.update:
+        elif kind == "artifact":  # e.g. the table a run logged, with its media (staged until `wandb sync`)
+            artifacts[rec.artifact.name] = {e.path: e.local_path for e in rec.artifact.manifest.contents}
+        elif kind in ("config", "run"):  # wandb.init(config=...) travels in the run record
+            for it in (rec.config if kind == "config" else rec.run.config).update:
                 config[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
-    return OfflineRun(run_dir, rid, keys, summary, steps, config)
+    return OfflineRun(run_dir, rid, keys, summary, steps, config, artifacts)
 
 
 def offline_runs(save_dir: str | os.PathLike) -> list[OfflineRun]:

@@ -1,43 +1,52 @@
 #!/usr/bin/env bash
-# Decoupled Specialist Fusion on one SLURM CPU node:
-#   sbatch slurm/fuse.sh                                   # configs/fuse.yaml as shipped (the make-demo layout)
+# Decoupled Specialist Fusion on one SLURM CPU node (configs/fuse.yaml; streaming, no GPU):
+#   sbatch slurm/fuse.sh                                     # $OMNI_OUT/specialists/* + θ₀ -> $OMNI_OUT/fused
+#   OMNI_CPU_PARTITION=cpu OMNI_TIME=01:00:00 slurm/fuse.sh  # submits itself with those
+#   sbatch slurm/fuse.sh --method ties --density 0.3 --overwrite    # any `omni-lightning fuse` flag (last wins)
 #   sbatch slurm/fuse.sh --base /ckpt/omni-base --specialists /ckpt/s-image /ckpt/s-video /ckpt/s-doc \
-#       /ckpt/s-audio --alpha 0.3 0.3 0.3 0.5 --out /ckpt/omni-fused      # any `omni-lightning fuse` flag
+#       /ckpt/s-audio --alpha 0.3 0.3 0.3 0.5 --out /ckpt/omni-fused
 #
-# Resources. The #SBATCH lines below are the defaults; sbatch's own input environment variables override
-# them without editing this file (and sbatch command-line flags override both):
-#   SBATCH_PARTITION     partition               default: the cluster's default partition (no line below)
-#   SBATCH_ACCOUNT       account to charge       default: your default account (no line below)
-#   SBATCH_TIMELIMIT     wall-clock limit        default: 04:00:00
-#   SBATCH_MEM_PER_NODE  memory                  default: 64G (fusion streams tensors: peak ≈ 6 × the largest
-#                                                tensor in float32 + 0.4 GB; an 8B model needs far less than 64G)
-# e.g.  SBATCH_PARTITION=cpu SBATCH_ACCOUNT=myproj SBATCH_TIMELIMIT=01:00:00 sbatch slurm/fuse.sh
-# Script settings (environment): FUSE_CONFIG (default configs/fuse.yaml), PYTHON (default .venv/bin/python
-# when it exists, else python3), FUSE_IO_THREADS (threads reading + hashing the inputs; default: the CPUs of
-# the job, at most 8). The job runs in the submission directory; run sbatch from the repository.
-# Fusion is all-or-nothing: the output is renamed into place at the end, and a job killed at its time limit
-# (SIGTERM) leaves nothing at the destination; just resubmit.
+# Settings (environment) and their defaults: slurm/common.sh — OMNI_OUT [runs/demo], OMNI_BASE
+# [$OMNI_OUT/base], OMNI_CONFIG [configs/fuse.yaml; FUSE_CONFIG is read too], OMNI_CPU_PARTITION
+# [OMNI_PARTITION, else the cluster's default], OMNI_ACCOUNT, OMNI_QOS, OMNI_TIME [04:00:00],
+# OMNI_FUSE_IO_THREADS [threads reading + hashing the inputs: the job's CPUs, at most 8], OMNI_WANDB [1: the
+# diagnostics are logged as a W&B run of job type fuse, in $OMNI_OUT/logs/fuse].
+# Under plain sbatch, sbatch's own input variables override the #SBATCH lines below: SBATCH_PARTITION,
+# SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_MEM_PER_NODE (memory: fusion streams tensors, peak ≈ 6 × the
+# largest tensor in float32 + 0.4 GB; an 8B model needs far less than 64G).
+# Fusion is all-or-nothing: the output is renamed into place at the end, and a job killed (time limit,
+# preemption: SIGTERM) leaves nothing at the destination; a preempted job is requeued and starts over. No
+# --signal: fusion has no checkpoint to save.
 #SBATCH --job-name=omni-fuse
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=16
 #SBATCH --mem=64G
 #SBATCH --time=04:00:00
-#SBATCH --output=%x-%j.out
+#SBATCH --requeue
 #SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
 set -euo pipefail
+OMNI_REPO="${OMNI_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+[[ -f "${OMNI_REPO}/slurm/common.sh" ]] || { echo "run from the omni-lightning repository root (or set OMNI_REPO)" >&2; exit 2; }
+export OMNI_REPO
+# shellcheck source=slurm/common.sh
+source "${OMNI_REPO}/slurm/common.sh"
+omni_defaults
+omni_job fuse fuse.sh "$@"
 
-CONFIG="${FUSE_CONFIG:-configs/fuse.yaml}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+CONFIG="${OMNI_CONFIG:-${FUSE_CONFIG:-${OMNI_REPO}/configs/fuse.yaml}}"
+[[ -f "${CONFIG}" ]] || omni_die "config ${CONFIG} not found (set OMNI_CONFIG)"
 CPUS="${SLURM_CPUS_PER_TASK:-2}"
-IO_THREADS="${FUSE_IO_THREADS:-$(( CPUS > 8 ? 8 : CPUS ))}"
-# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05)
-export SRUN_CPUS_PER_TASK="${CPUS}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-echo "omni-fuse: job ${SLURM_JOB_ID:-local} on $(hostname), config ${CONFIG}, ${IO_THREADS} I/O threads"
+IO_THREADS="${OMNI_FUSE_IO_THREADS:-$(( CPUS > 8 ? 8 : CPUS ))}"
+args=(--config "${CONFIG}" --no-progress --set "io_threads=${IO_THREADS}"
+  --base "${OMNI_BASE}" --specialists "${OMNI_OUT}/specialists/"{image,video,document,audio}
+  --out "${OMNI_OUT}/fused")
+echo "omni-fuse: config ${CONFIG}, ${IO_THREADS} I/O threads"
 # flags given to this script come last, so they override the config and the defaults above
-srun --ntasks=1 --kill-on-bad-exit=1 "${PYTHON}" -m omni_lightning fuse --config "${CONFIG}" --no-progress \
-  --set "io_threads=${IO_THREADS}" "$@"
+if [[ "${OMNI_WANDB}" == 1 ]]; then
+  srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning.tracking fuse \
+    --wandb-dir "${OMNI_OUT}/logs/fuse" "${args[@]}" "$@"
+else
+  srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning fuse "${args[@]}" "$@"
+fi
