@@ -20,7 +20,9 @@ export OMNI_REPO
 # shellcheck source=slurm/common.sh
 source "${OMNI_REPO}/slurm/common.sh"
 omni_defaults
-omni_need_model "OMNI_BASE" "${OMNI_BASE}"
+[[ -f "${OMNI_BASE}/omni_config.json" ]] || omni_die "OMNI_BASE ${OMNI_BASE} is not an omni-lightning model directory:" \
+  "write one with \`omni-lightning init-model --out DIR\` (the tiny default, or --backbone/--audio-encoder local" \
+  "checkpoints) and set OMNI_BASE=DIR"
 for m in image video document audio; do
   [[ -d "${OMNI_DATA}/${m}/train" && -d "${OMNI_DATA}/${m}/eval" ]] || omni_die "OMNI_DATA=${OMNI_DATA} has no" \
     "${m}/train and ${m}/eval shards (omni-lightning make-demo-data or omni-lightning shard write them)"

@@ -31,7 +31,8 @@ JOB_SCRIPTS = [p for p in SCRIPTS if p.name != "common.sh"]
 TRAINING = ("specialist.sh", "recover.sh", "rehearse.sh")
 # the fit settings of conftest.fit_args, as overrides given to a SLURM script
 SMALL_FIT = ["--data.init_args.batch_size", "8", "--data.init_args.steps_per_epoch", "3",
-             "--data.init_args.val_batches", "1", "--data.init_args.num_workers", "0", "--trainer.max_epochs", "1"]
+             "--data.init_args.val_batches", "1", "--data.init_args.num_workers", "0", "--trainer.max_epochs", "1",
+             "--trainer.log_every_n_steps", "1"]  # (how often it logs does not change the weights)
 
 
 def shellcheck() -> str:
@@ -137,6 +138,7 @@ def test_pipeline_refuses_missing_inputs(tiny_model_dir, tmp_path):
                     OMNI_DATA=str(tmp_path))
     proc = subprocess.run(["bash", str(SLURM / "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "OMNI_BASE" in proc.stderr and "nope" in proc.stderr and "init-model" in proc.stderr
+    assert sbatch_calls(tmp_path) == []
     env["OMNI_BASE"] = str(tiny_model_dir)
     proc = subprocess.run(["bash", str(SLURM / "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "image/train" in proc.stderr and "make-demo-data" in proc.stderr
