@@ -145,12 +145,15 @@ class Preemption(Callback):
 
     # ------------------------------------------------------------------ the step boundary
     def _stop_signal(self, trainer: Trainer) -> int | None:
-        """The signal to act on, agreed by every rank (a max-reduce), or ``None``."""
-        local = self._signum or (int(signal.SIGTERM) if trainer.received_sigterm else 0)
+        """The signal to act on, agreed by every rank (a max-reduce), or ``None``; the requeue signal wins
+        over SIGTERM when ranks saw different ones."""
+        level = 2 if self._signum is not None else (1 if trainer.received_sigterm else 0)
         if trainer.world_size > 1:
-            t = torch.tensor(local, device=trainer.strategy.root_device)
-            local = int(trainer.strategy.reduce(t, reduce_op="max"))
-        return local or None
+            t = torch.tensor(level, device=trainer.strategy.root_device)
+            level = int(trainer.strategy.reduce(t, reduce_op="max"))
+        if level == 2:
+            return self._requeue_signal if self._requeue_signal is not None else int(signal.SIGUSR1)
+        return int(signal.SIGTERM) if level == 1 else None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

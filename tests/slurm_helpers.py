@@ -6,8 +6,8 @@ Used by tests/test_slurm.py through ``--trainer.callbacks+=slurm_helpers.SendSig
 ``PYTHONPATH``). It fires in ``on_before_optimizer_step`` — after backward, before the weights change — so a
 checkpoint written inside the signal handler would hold a half-done step; the Preemption callback must wait for
 the step boundary. Settings come from the environment: ``SEND_SIGNAL`` (name, e.g. ``SIGUSR1``) and
-``SEND_SIGNAL_AT_STEP`` (the global step); only the first attempt of a job (``SLURM_RESTART_COUNT`` 0 or unset)
-sends it.
+``SEND_SIGNAL_AT_STEP`` (the global step), ``SEND_SIGNAL_RANK`` (only that global rank sends; default: every
+rank); only the first attempt of a job (``SLURM_RESTART_COUNT`` 0 or unset) sends it.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ class SendSignal(Callback):
         super().__init__()
         self.signum = getattr(signal, os.environ.get("SEND_SIGNAL", "SIGUSR1"))
         self.step = int(os.environ.get("SEND_SIGNAL_AT_STEP", "2"))
+        self.rank = os.environ.get("SEND_SIGNAL_RANK")
         self.sent = False
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         first_attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0
-        if first_attempt and not self.sent and trainer.global_step == self.step:
+        this_rank = self.rank is None or int(self.rank) == trainer.global_rank
+        if first_attempt and this_rank and not self.sent and trainer.global_step == self.step:
             self.sent = True
             os.kill(os.getpid(), self.signum)  # delivered here, mid-step
 

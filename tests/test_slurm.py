@@ -170,6 +170,52 @@ def test_a_job_with_tasks_not_matching_gpus_stops_with_a_clear_error(tmp_path):
     assert not (tmp_path / "fake-slurm" / "srun.log").exists()  # nothing was launched
 
 
+def recorder(tmp_path: Path, name: str) -> Path:
+    """An executable that records its arguments (stands in for omni-lightning / python in a job)."""
+    exe = tmp_path / name
+    exe.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "{tmp_path}/{name}.log"\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def test_eval_job_evaluates_the_models_present(tiny_model_dir, demo_root, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, out / "specialists/audio")
+    shutil.copytree(tiny_model_dir, out / "fused")
+    env = slurm_env(tmp_path, SLURM_JOB_ID="9", OMNI_OUT=str(out), OMNI_BASE=str(tiny_model_dir),
+                    OMNI_DATA=str(demo_root), OMNI_PYTHON=str(recorder(tmp_path, "python")))
+    proc = subprocess.run(["bash", str(SLURM / "eval.sh"), "--pool-size", "8"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (cmd,) = (tmp_path / "python.log").read_text().splitlines()
+    assert cmd == (f"-m omni_lightning.tracking eval --data {demo_root} --out {out}/eval --wandb-dir {out}/logs/eval "
+                   f"--examples 8 {tiny_model_dir} {out}/specialists/audio {out}/fused -- --no-progress --pool-size 8")
+    assert "skipping" in proc.stdout and f"{out}/recovered" in proc.stdout
+    env.update(OMNI_WANDB="0", OMNI_EVAL_MODELS=str(tmp_path / "missing"))
+    proc = subprocess.run(["bash", str(SLURM / "eval.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "OMNI_EVAL_MODELS entry" in proc.stderr and "missing" in proc.stderr
+
+
+@pytest.mark.parametrize("tasks, strategy", [("1", None), ("2", "ddp_find_unused_parameters_true")])
+def test_rehearse_job_under_ddp_lets_parts_go_unused(tiny_model_dir, demo_root, tmp_path, tasks, strategy):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, out / "recovered")
+    env = slurm_env(tmp_path, SLURM_JOB_ID="9", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE=tasks, OMNI_OUT=str(out),
+                    OMNI_DATA=str(demo_root), OMNI_BIN=str(recorder(tmp_path, "omni-lightning")), OMNI_WANDB="0")
+    proc = subprocess.run(["bash", str(SLURM / "rehearse.sh"), "--trainer.max_steps", "5"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "omni-lightning.log").read_text().splitlines()
+    assert len(lines) == int(tasks) and len(set(lines)) == 1  # srun starts one task per device
+    cmd = lines[0]
+    assert f"--trainer.devices {tasks} --trainer.num_nodes 1" in cmd
+    assert f"--model.init_args.model {out}/recovered --model.init_args.export_dir {out}/final" in cmd
+    assert f"--trainer.logger.init_args.save_dir {out}/logs" in cmd and "OmniWandbLogger" not in cmd
+    assert ("--trainer.strategy ddp_find_unused_parameters_true" in cmd) == (strategy is not None)
+    assert cmd.endswith("--trainer.max_steps 5")
+    assert (tmp_path / "fake-slurm" / "srun.log").read_text().startswith("srun --kill-on-bad-exit=1 ")
+
+
 # ----------------------------------------------------------------------------------------------- jobs
 @pytest.fixture(scope="module")
 def reference_run(tiny_model_dir, demo_root, tmp_path_factory):
@@ -309,3 +355,38 @@ def make_specialists(base: Path, root: Path) -> None:
         cfg["history"].append({"step": "specialist", "modality": m, "train_parts": parts,
                                "lora": {"parts": ["backbone"], "r": 8, "alpha": 8, "dropout": 0.0}})
         (d / "omni_config.json").write_text(json.dumps(cfg))
+
+
+def test_ranks_agree_on_the_signal_to_act_on(monkeypatch):
+    """Under DDP the ranks max-reduce what they saw, so all save at the same step; the requeue signal wins."""
+    import signal
+    import types
+
+    from omni_lightning.callbacks.preemption import Preemption, slurm_job_for_requeue
+
+    seen = []
+
+    def trainer(world_size, others, sigterm=False):
+        def reduce(t, reduce_op):
+            seen.append(reduce_op)
+            return max(t, torch.tensor(others))
+        strategy = types.SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce)
+        return types.SimpleNamespace(world_size=world_size, strategy=strategy, received_sigterm=sigterm)
+
+    cb = Preemption()
+    assert cb._stop_signal(trainer(1, 0)) is None
+    assert cb._stop_signal(trainer(2, 1)) == signal.SIGTERM  # another rank got SIGTERM
+    cb._requeue_signal = int(signal.SIGUSR1)
+    assert cb._stop_signal(trainer(2, 2)) == signal.SIGUSR1  # another rank got the requeue signal
+    cb._signum = int(signal.SIGUSR1)
+    assert cb._stop_signal(trainer(2, 1, sigterm=True)) == signal.SIGUSR1  # requeue wins over SIGTERM
+    assert seen == ["max"] * 3
+    for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="cannot requeue"):
+        slurm_job_for_requeue()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert slurm_job_for_requeue() == "77"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_job_for_requeue() == "70_3"
