@@ -33,6 +33,7 @@ import os
 import re
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,10 +274,11 @@ class OfflineRun:
     step_metrics: dict[str, str]  # metric name or glob -> its step metric
     config: dict[str, Any]
     artifacts: dict[str, dict[str, str]]  # artifact name -> {path in the artifact: staged local file}
+    complete: bool  # the run's exit record is written (W&B writes the file from a separate process)
 
     def has(self, key: str) -> bool:
-        """Whether the run logged ``key`` (a scalar, or a table/media value stored as ``key/...`` fields)."""
-        return key in self.history_keys or any(k.startswith(key + "/") for k in self.history_keys)
+        """Whether the run logged ``key``: a scalar, or a table / media value (stored as ``key/_type``, ...)."""
+        return key in self.history_keys or f"{key}/_type" in self.history_keys
 
 
 def _records(path: Path):
@@ -323,9 +325,11 @@ def read_offline_run(run_dir: str | os.PathLike) -> OfflineRun:
     steps: dict[str, str] = {}
     config: dict[str, Any] = {}
     artifacts: dict[str, dict[str, str]] = {}
+    complete = False
     rid = files[0].stem.removeprefix("run-")
     for rec in _records(files[0]):
         kind = rec.WhichOneof("record_type")
+        complete = complete or kind == "exit"
         if kind == "history":
             keys.update(it.key or "/".join(it.nested_key) for it in rec.history.item)
         elif kind == "summary":
@@ -344,12 +348,18 @@ def read_offline_run(run_dir: str | os.PathLike) -> OfflineRun:
         elif kind in ("config", "run"):  # wandb.init(config=...) travels in the run record
             for it in (rec.config if kind == "config" else rec.run.config).update:
                 config[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
-    return OfflineRun(run_dir, rid, keys, summary, steps, config, artifacts)
+    return OfflineRun(run_dir, rid, keys, summary, steps, config, artifacts, complete)
 
 
-def offline_runs(save_dir: str | os.PathLike) -> list[OfflineRun]:
-    """Every offline run under ``save_dir`` (searched recursively), oldest first."""
-    return [read_offline_run(d) for d in sorted(Path(save_dir).rglob("offline-run-*")) if d.is_dir()]
+def offline_runs(save_dir: str | os.PathLike, wait: float = 0.0) -> list[OfflineRun]:
+    """Every offline run under ``save_dir`` (searched recursively), oldest first. ``wait``: seconds to wait for
+    runs that just finished until W&B's service has written their files completely."""
+    deadline = time.monotonic() + wait
+    while True:
+        runs = [read_offline_run(d) for d in sorted(Path(save_dir).rglob("offline-run-*")) if d.is_dir()]
+        if all(r.complete for r in runs) or time.monotonic() >= deadline:
+            return runs
+        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -275,8 +275,9 @@ def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metric
     from omni_lightning.tracking import STEP_KEY, main as tracking_main, offline_runs
 
     tmp, out, _ = preempted_specialist_job
-    runs = offline_runs(out / "logs/specialist-image")
+    runs = offline_runs(out / "logs/specialist-image", wait=30)
     assert [r.run_id for r in runs] == ["1001", "1001"]  # both attempts log to the run of $SLURM_JOB_ID
+    assert all(r.complete for r in runs)
     assert all(r.step_metrics.get("*") == STEP_KEY for r in runs)
     assert runs[0].config.get("modality") == "image"
     assert runs[0].has("specialist/train/loss/image") and runs[1].has("specialist/train/loss/image")
@@ -288,7 +289,7 @@ def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metric
     assert tracking_main(["eval", str(out / "specialists/image"), "--data", str(demo_root), "--out", str(tmp / "eval"),
                           "--wandb-dir", str(tmp / "eval-logs"), "--examples", "2", "--",
                           "--modalities", "image", "--max-samples", "16", "--no-progress"]) == 0
-    (evaluation,) = offline_runs(tmp / "eval-logs")
+    (evaluation,) = offline_runs(tmp / "eval-logs", wait=30)
     assert evaluation.config["phase"] == "specialist"
     assert_logged([*runs, evaluation], "specialist", ("image",))
 
@@ -328,7 +329,7 @@ def test_fuse_job_runs_end_to_end_and_logs_its_diagnostics(tiny_model_dir, demo_
     assert (out / "fused" / "diagnostics.json").is_file() and "wrote fused model" in log
     srun = (tmp_path / "fake-slurm" / "srun.log").read_text()
     assert "-m omni_lightning.tracking fuse" in srun and f"--out {out}/fused" in srun
-    (run,) = offline_runs(out / "logs/fuse")
+    (run,) = offline_runs(out / "logs/fuse", wait=30)
     for panel in panels("fuse"):
         for key in panel.keys:
             assert run.has(key), f"fuse run lacks {key}"

@@ -65,7 +65,7 @@ def phase_runs(tiny_model_dir, demo_root, tmp_path_factory, request):
 
 
 def test_fit_runs_hold_every_metric_of_their_sections(phase_runs):
-    runs = offline_runs(phase_runs / "logs")
+    runs = offline_runs(phase_runs / "logs", wait=30)
     recover = [r for r in runs if r.path.is_relative_to(phase_runs / "logs/recover")]
     rehearse = [r for r in runs if r.path.is_relative_to(phase_runs / "logs/rehearse")]
     evals = [r for r in runs if r.path.is_relative_to(phase_runs / "logs/eval")]
@@ -93,7 +93,7 @@ def model_history(model_dir: Path) -> dict:
 
 
 def test_eval_job_runs_hold_the_eval_section(phase_runs):
-    evals = offline_runs(phase_runs / "logs/eval")
+    evals = offline_runs(phase_runs / "logs/eval", wait=30)
     phases = {r.config["phase"] for r in evals}
     assert phases == {"base", "fuse", "recover", "rehearse"}
     section = panels("eval", ("image", "audio"))
