@@ -66,7 +66,9 @@ class RetrievalEval(Callback):
 
     @staticmethod
     def _metrics(phase: str, results: dict[str, dict[str, float]]) -> dict[str, float]:
-        return {f"{phase}/eval/{k}/{m}": float(v) for m, r in results.items() for k, v in r.items() if k in METRICS}
+        from omni_lightning.tracking import eval_metric  # the one place metric names are spelled
+
+        return {eval_metric(phase, k, m): float(v) for m, r in results.items() for k, v in r.items() if k in METRICS}
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_fit_start and trainer.is_global_zero:

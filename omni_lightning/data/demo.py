@@ -27,7 +27,7 @@ train (eval labels ⊆ train labels).
 
 **The stage-0 corpus** (``corpus="pretrain"``) stands in for the general pretraining a real VLM base has had
 before anyone trains embedders on it. It holds the same **text** paraphrase pairs and, as its **image** set,
-*glyphs*: a single train-pool digit of random size and colour in one quadrant of a 32×32 canvas, captioned
+*glyphs*: a single grey train-pool digit of random size in one quadrant of a dark 32×32 canvas, captioned
 ``"the digit seven in the top left"`` (10 digits × 4 quadrants = 40 captions; labels ``"glyph:NNN"``). It
 teaches the base to read digits and where they are; no colour words, no motion, no pages, no audio — the
 specialists' tasks stay to be learned. Its train split never uses eval-pool source digits.
@@ -298,7 +298,7 @@ def _render_image(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple
 
 
 def _render_glyph(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """A digit of random size (12-16 px) and colour inside one quadrant of a dark 32×32 canvas."""
+    """A grey digit of random size (12-16 px) inside one quadrant of a dark 32×32 canvas."""
     digit, quadrant = cid // 4, cid % 4
     src, src_id = pool.draw(digit, rng)
     size = int(rng.integers(12, 17))
@@ -307,8 +307,9 @@ def _render_glyph(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple
     y = int(rng.integers(0, 16 - size + 1)) + (16 if quadrant >= 2 else 0)
     x = int(rng.integers(0, 16 - size + 1)) + (16 if quadrant % 2 else 0)
     canvas[y:y + size, x:x + size] = glyph
-    bg = rng.uniform(0, 35, size=3).astype(np.float32)
-    fg = rng.uniform(120, 255, size=3).astype(np.float32)
+    # grey ink on a dark grey ground: no hue at all, so stage 0 neither teaches colour nor teaches to ignore it
+    bg = np.full(3, rng.uniform(0, 35), np.float32)
+    fg = np.full(3, rng.uniform(150, 255), np.float32)
     img = bg + canvas[..., None] * (fg - bg) + 4.0 * rng.standard_normal((32, 32, 3), dtype=np.float32)
     return _to_uint8(img), src_id
 
