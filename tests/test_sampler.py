@@ -111,8 +111,8 @@ def test_observed_mix_within_binomial_bound(uneven_root):
     # the main-process accounting the module logs as <phase>/mix/<modality> equals the observed shares
     assert progress.mix_fractions() == {m: counts[m] / N for m in MODS}
     # and the schedule is the pure function of (seed, step) (independent re-computation)
-    redo = Counter(random.Random(stable_seed("modality-schedule", 0, s)).choices(MODS, weights=[probs[m] for m in MODS])[0]
-                   for s in range(N))
+    w = [probs[m] for m in MODS]
+    redo = Counter(random.Random(stable_seed("modality-schedule", 0, s)).choices(MODS, weights=w)[0] for s in range(N))
     assert redo == counts
 
 
@@ -280,7 +280,8 @@ def test_configuration_errors_name_the_modality(uneven_root, tmp_path):
         OmniDataModule(str(tmp_path / "empty"), ["audio"], **kw).setup("fit")
     # fewer shards than workers x ranks: a warning naming the modality and what to do
     dm = OmniDataModule(str(uneven_root), ["video", "image"], num_workers=2, **kw)
-    with pytest.warns(UserWarning, match=r"modality 'video' has 1 shard\(s\).*2 worker\(s\) x 1 rank\(s\).*more, smaller shards") as rec:
+    pattern = r"modality 'video' has 1 shard\(s\).*2 worker\(s\) x 1 rank\(s\).*more, smaller shards"
+    with pytest.warns(UserWarning, match=pattern) as rec:
         dm.setup("fit")
     assert not any("'image'" in str(w.message) for w in rec)  # 3 shards >= 2 readers
 
@@ -337,3 +338,12 @@ def test_two_gloo_ranks_share_the_schedule_with_equal_batch_counts(uneven_root, 
     assert r0["mix"] == r1["mix"] and sum(r0["mix"].values()) == pytest.approx(1.0)
     assert len(r0["state"]["train_stream"]["extras"]) == 2  # gathered from both ranks
     assert any("modality 'video' has 1 shard(s)" in w and "4 streams" in w for w in r0["warnings"])
+
+
+def test_shuffle_buffer_is_per_worker_split_by_weight(uneven_root):
+    probs = resolve_weights(MODS, {"image": 1, "video": 1, "document": 2, "audio": 4})
+    ds = _stream(uneven_root, probs, shuffle=256)
+    assert [ds.stream_buffer(m) for m in MODS] == [32, 32, 64, 128]  # 256 in all, as one plain pipeline holds
+    assert _stream(uneven_root, {"image": 1.0}, shuffle=256, mods=["image"]).stream_buffer("image") == 256
+    assert _stream(uneven_root, probs, shuffle=4).stream_buffer("image") == 2  # every stream still shuffles
+    assert _stream(uneven_root, probs, shuffle=1).stream_buffer("audio") == 0  # off

@@ -14,7 +14,8 @@ modality ``m`` is exactly ``p_m``); the loss is computed per sub-batch (negative
 averaged weighted by sub-batch size (see :mod:`omni_lightning.modules.base`).
 
 **Streams and exact batch counts.** Each (rank, modality, epoch, lane) reads its own infinite stream: the
-modality's shards resampled with replacement, a seeded shuffle buffer, decoding in the DataLoader worker.
+modality's shards resampled with replacement, a seeded shuffle buffer (the configured buffer is per worker,
+split across its modality streams by weight), decoding in the DataLoader worker.
 ``lane = local_step % num_workers`` is the residue class of the step inside its epoch -- not the worker id --
 so the stream a step reads is fixed by the step, whichever worker serves it. An epoch is exactly
 ``steps_per_epoch`` batches on every rank whatever the shard counts (``len()`` equals what is yielded, ranks
@@ -246,6 +247,15 @@ class BalancedStream(IterableDataset):
     def stream_seed(self, modality: str, lane: int) -> int:
         return stable_seed("stream", self.seed, self.rank, modality, self.epoch, lane)
 
+    def stream_buffer(self, modality: str) -> int:
+        """Shuffle buffer of one modality's stream: ``shuffle_buffer`` is what a worker holds in all, split by
+        weight (at least 2 each), so memory and the samples buffered but never decoded at the end of an epoch
+        do not grow with the number of modalities -- as in one plain webdataset pipeline over all shards."""
+        if self.shuffle_buffer <= 1:
+            return 0
+        p = self.schedule.probs[self.schedule.modalities.index(modality)]
+        return max(2, round(self.shuffle_buffer * p))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, W = (info.id, info.num_workers) if info else (0, 1)
@@ -259,7 +269,7 @@ class BalancedStream(IterableDataset):
             for m, n in comp.items():
                 if m not in streams:
                     extra = int(self.extras.get(f"{lane}/{m}", 0))
-                    streams[m] = _LaneStream(self.dirs[m], self.stream_seed(m, lane), self.shuffle_buffer,
+                    streams[m] = _LaneStream(self.dirs[m], self.stream_seed(m, lane), self.stream_buffer(m),
                                              start[m] + extra, extra, self.skips, self.max_consecutive_skips)
                 parts.append(self.collate(streams[m].take(n), m))
             batch = parts[0] if len(parts) == 1 and not self.schedule.mixed else _mixed(parts)

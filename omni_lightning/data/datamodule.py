@@ -152,7 +152,8 @@ class OmniDataModule(LightningDataModule):
         chunk_size: split each side into chunks of this size (GradCache; linked from the module).
         num_workers: DataLoader workers decoding and collating in parallel (an exact resume needs the same
             value as the run that wrote the checkpoint).
-        shuffle_buffer: samples held in the shuffle buffer of each stream.
+        shuffle_buffer: raw samples held for shuffling per DataLoader worker (per rank without workers), split
+            across the modality streams by weight (at least 2 each).
         train_split, val_split: split names under each modality folder.
         seed: seeds the modality schedule and the streams.
     """

@@ -20,9 +20,9 @@ composes -- shard list → ``split_by_node`` → ``split_by_worker`` → open �
 optional seeded shuffle buffer and :func:`~.schema.decode_sample`. It is assembled stage by stage rather than
 through ``wds.WebDataset(resampled=True)`` because the latter seeds its shard sampler from pid, time and
 ``os.urandom``; here resampling is deterministic per (seed, rank, worker, epoch) -- or per (seed,
-``worker_key``, epoch) when the caller names the stream itself (the balanced sampler does). Corrupt or invalid samples
-are skipped and counted in a :class:`SkipCounter`; :func:`check_shards` validates the first samples of every
-shard at start-up so that a wrong schema is a clear error before training begins.
+``worker_key``, epoch) when the caller names the stream itself (the balanced sampler does). Corrupt or invalid
+samples are skipped and counted in a :class:`SkipCounter`; :func:`check_shards` validates the first samples of
+every shard at start-up so that a wrong schema is a clear error before training begins.
 """
 
 from __future__ import annotations
