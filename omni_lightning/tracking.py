@@ -243,7 +243,8 @@ def eval_metrics(phase: str, results: dict[str, dict[str, Any]]) -> dict[str, fl
 
 
 def log_eval(model_dir: str | os.PathLike, results: dict[str, dict[str, Any]], save_dir: str | os.PathLike,
-             data_root: str | os.PathLike | None = None, examples: int = 8, top_k: int = 3) -> str:
+             data_root: str | os.PathLike | None = None, examples: int = 8, top_k: int = 3,
+             examples_pool: int = 128) -> str:
     """Log one model's eval results (and a table of retrieval examples) as a run of job type ``eval``."""
     model_dir = Path(model_dir)
     phase = model_phase(model_dir)
@@ -254,7 +255,8 @@ def log_eval(model_dir: str | os.PathLike, results: dict[str, dict[str, Any]], s
         if examples and data_root is not None:
             from omni_lightning.callbacks.retrieval_examples import examples_for_model, wandb_table
 
-            rows = examples_for_model(model_dir, data_root, list(results), num_queries=examples, top_k=top_k)
+            rows = examples_for_model(model_dir, data_root, list(results), num_queries=examples, top_k=top_k,
+                                      pool_size=max(examples_pool, top_k, examples))
             run.log({STEP_KEY: 0, **{examples_table(phase, m): wandb_table([r for r in rows if r["modality"] == m], top_k)
                                      for m in dict.fromkeys(r["modality"] for r in rows)}})
         return str(Path(run.dir).parent)
@@ -419,7 +421,7 @@ def _main_eval(args: argparse.Namespace, extra: list[str]) -> int:
             return rc
         if not args.no_wandb:
             run_dir = log_eval(model, json.loads(result_file.read_text()), args.save_dir, args.data,
-                               examples=args.examples)
+                               examples=args.examples, examples_pool=args.examples_pool)
             print(f"logged eval of {model} to W&B run {run_dir}")
     return 0
 
@@ -439,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True, help="folder for <model name>.json results")
     e.add_argument("--wandb-dir", dest="save_dir", default=None,
                    help="run files folder (default: $OMNI_WANDB_DIR, else runs/logs/eval)")
-    e.add_argument("--examples", type=int, default=8, help="queries in the retrieval-examples table (0: none)")
+    e.add_argument("--examples", type=int, default=8, help="queries per modality in the retrieval-examples tables "
+                   "(0: none)")
+    e.add_argument("--examples-pool", type=int, default=128, help="candidates the example queries are ranked against "
+                   "(the first samples of each modality's split)")
     e.add_argument("--no-wandb", action="store_true", help="only write the results")
     extra: list[str] = []
     if "--" in argv:

@@ -287,7 +287,7 @@ def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metric
     for k in ("WANDB_RUN_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(k, raising=False)
     assert tracking_main(["eval", str(out / "specialists/image"), "--data", str(demo_root), "--out", str(tmp / "eval"),
-                          "--wandb-dir", str(tmp / "eval-logs"), "--examples", "2", "--",
+                          "--wandb-dir", str(tmp / "eval-logs"), "--examples", "2", "--examples-pool", "16", "--",
                           "--modalities", "image", "--max-samples", "16", "--no-progress"]) == 0
     (evaluation,) = offline_runs(tmp / "eval-logs", wait=30)
     assert evaluation.config["phase"] == "specialist"

@@ -50,16 +50,13 @@ def phase_runs(tiny_model_dir, demo_root, tmp_path_factory, request):
     extra = [f"--trainer.callbacks+=omni_lightning.callbacks.{c}" for c in ("Throughput", "LearningRate",
              "RetrievalExamples") if f"omni_lightning.callbacks.{c}" not in listed]
     main(wandb_fit_args("rehearse.yaml", out / "recover", demo_root, out, "rehearse", extra))
-    fused = out / "fused"  # θ₀ relabelled as a fused model: the eval job names runs by the model's phase
-    shutil.copytree(tiny_model_dir, fused)
-    cfg = json.loads((fused / "omni_config.json").read_text())
-    cfg["history"].append({"step": "fuse"})
-    (fused / "omni_config.json").write_text(json.dumps(cfg))
     from omni_lightning.tracking import main as tracking_main
 
-    rc = tracking_main(["eval", str(tiny_model_dir), str(fused), str(out / "recover"), str(out / "rehearse"),
+    # the eval job names each run by the phase that produced its model: θ₀ (base), recovered, final
+    rc = tracking_main(["eval", str(tiny_model_dir), str(out / "recover"), str(out / "rehearse"),
                         "--data", str(demo_root), "--out", str(out / "eval"), "--wandb-dir", str(out / "logs/eval"),
-                        "--examples", "2", "--", "--modalities", "image", "audio", "--max-samples", "16", "--no-progress"])
+                        "--examples", "2", "--examples-pool", "16", "--",
+                        "--modalities", "image", "audio", "--max-samples", "16", "--no-progress"])
     assert rc == 0
     return out
 
@@ -69,7 +66,7 @@ def test_fit_runs_hold_every_metric_of_their_sections(phase_runs):
     recover = [r for r in runs if r.path.is_relative_to(phase_runs / "logs/recover")]
     rehearse = [r for r in runs if r.path.is_relative_to(phase_runs / "logs/rehearse")]
     evals = [r for r in runs if r.path.is_relative_to(phase_runs / "logs/eval")]
-    assert len(recover) == len(rehearse) == 1 and len(evals) == 4
+    assert len(recover) == len(rehearse) == 1 and len(evals) == 3
     fit_panels = lambda s, mods: [p for p in panels(s, mods) if "/eval/" not in "".join(p.keys)]  # noqa: E731
     # rehearsal draws one modality per step: per-modality train losses exist for those it drew
     mix = model_history(phase_runs / "rehearse")["mix"]
@@ -95,20 +92,20 @@ def model_history(model_dir: Path) -> dict:
 def test_eval_job_runs_hold_the_eval_section(phase_runs):
     evals = offline_runs(phase_runs / "logs/eval", wait=30)
     phases = {r.config["phase"] for r in evals}
-    assert phases == {"base", "fuse", "recover", "rehearse"}
+    assert phases == {"base", "recover", "rehearse"}
     section = panels("eval", ("image", "audio"))
-    for p in section:  # each bar plot compares the models: every phase present except the specialists'
+    for p in section:  # each bar plot compares the models: the phases evaluated here (+ specialist, fuse)
         present = {k.split("/")[0] for k in p.keys if any(r.has(k) for r in evals)}
         assert present == phases, (p.title, present)
-    results = json.loads((phase_runs / "eval" / "fused.json").read_text())
-    (fused_run,) = [r for r in evals if r.config["phase"] == "fuse"]
-    for key, value in eval_metrics("fuse", results).items():
-        assert fused_run.summary[key] == pytest.approx(value)
+    results = json.loads((phase_runs / "eval" / "recover.json").read_text())
+    (recovered,) = [r for r in evals if r.config["phase"] == "recover"]
+    for key, value in eval_metrics("recover", results).items():
+        assert recovered.summary[key] == pytest.approx(value)
     for m, suffix in (("image", ".png"), ("audio", ".wav")):  # one table per modality, 2 queries each
-        table = fused_run.summary[examples_table("fuse", m)]
+        table = recovered.summary[examples_table("recover", m)]
         assert table["_type"] == "table-file" and table["nrows"] == 2 and table["ncols"] == 9
         # the table travels as an artifact with its media, staged for `wandb sync`
-        (files,) = [f for f in fused_run.artifacts.values() if f"{examples_table('fuse', m)}.table.json" in f]
+        (files,) = [f for f in recovered.artifacts.values() if f"{examples_table('recover', m)}.table.json" in f]
         media = [p for p in files if p.startswith("media/")]
         assert 0 < len(media) <= 2 * (1 + 3) and all(p.endswith(suffix) for p in media)  # target + top 3 (deduped)
         assert all(Path(files[p]).is_file() for p in media)
