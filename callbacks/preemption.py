@@ -126,6 +126,7 @@ class Preemption(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._signum = None
         from lightning.fabric.plugins.environments import SLURMEnvironment
 
         env = trainer._accelerator_connector.cluster_environment
@@ -198,6 +199,9 @@ class Preemption(Callback):
 
         self._restore_handler()
         if isinstance(exception, Preempted) or not isinstance(exception, SIGTERMException):
+            return
+        if trainer.state.fn != "fit":  # validate / test: nothing to resume
+            exception.code = 128 + int(signal.SIGTERM)
             return
         if trainer.sanity_checking or trainer.global_step == 0:
             exception.code = 128 + int(signal.SIGTERM)
