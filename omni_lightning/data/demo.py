@@ -27,9 +27,11 @@ train (eval labels ⊆ train labels).
 
 **The stage-0 corpus** (``corpus="pretrain"``) stands in for the general pretraining a real VLM base has had
 before anyone trains embedders on it. It holds the same **text** paraphrase pairs and, as its **image** set,
-*glyphs*: a single grey train-pool digit of random size in one quadrant of a dark 32×32 canvas, captioned
-``"the digit seven in the top left"`` (10 digits × 4 quadrants = 40 captions; labels ``"glyph:NNN"``). It
-teaches the base to read digits and where they are; no colour words, no motion, no pages, no audio — the
+*glyphs*: a single grey train-pool digit of one of four sizes anywhere on a dark 32×32 canvas, captioned
+``"a small digit seven"`` (10 digits × 4 sizes = 40 captions; labels ``"glyph:NNN"``). It teaches the base
+to read digits; no colour (grey only — glyphs in random colours with colour-free captions taught colour
+invariance and crippled the image specialist), no position words (captioning the quadrant taught position
+sensitivity, which the position-free image task then had to unlearn), no motion, no pages, no audio — the
 specialists' tasks stay to be learned. Its train split never uses eval-pool source digits.
 
 Determinism: all randomness comes from ``numpy.random.Generator(SeedSequence([seed, modality, split]))``;
@@ -130,13 +132,13 @@ def _caption(family: str, cid: int) -> str:
         p, n, t = _audio_attrs(cid)
         return f"{WORDS[n]} {TIMBRES[t]} {_plural(n, 'beep')} at pitch {WORDS[p + 1]}"
     if family == "glyph":
-        return f"the digit {WORDS[cid // 4]} in the {QUADRANTS[cid % 4]}"
+        return f"a {GLYPH_SIZES[cid % 4][0]} digit {WORDS[cid // 4]}"
     raise KeyError(family)
 
 
 _NUM_CAPTIONS = {"image": 100, "video": 40, "document": 100, "audio": 100, "glyph": 40}
 _FAMILIES = ("image", "video", "document", "audio")  # the recipe's media families (the text space spans them)
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+GLYPH_SIZES = (("tiny", 10), ("small", 14), ("large", 20), ("huge", 26))  # caption word, pixels
 CORPORA = ("recipe", "pretrain")
 PRETRAIN_MODALITIES = ("text", "image")
 
@@ -298,14 +300,12 @@ def _render_image(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple
 
 
 def _render_glyph(cid: int, pool: _DigitPool, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """A grey digit of random size (12-16 px) inside one quadrant of a dark 32×32 canvas."""
-    digit, quadrant = cid // 4, cid % 4
+    """A grey digit of the captioned size anywhere on a dark 32×32 canvas."""
+    digit, size = cid // 4, GLYPH_SIZES[cid % 4][1]
     src, src_id = pool.draw(digit, rng)
-    size = int(rng.integers(12, 17))
     glyph = _upscale(src, size)
     canvas = np.zeros((32, 32), np.float32)
-    y = int(rng.integers(0, 16 - size + 1)) + (16 if quadrant >= 2 else 0)
-    x = int(rng.integers(0, 16 - size + 1)) + (16 if quadrant % 2 else 0)
+    y, x = (int(v) for v in rng.integers(0, 32 - size + 1, size=2))
     canvas[y:y + size, x:x + size] = glyph
     # grey ink on a dark grey ground: no hue at all, so stage 0 neither teaches colour nor teaches to ignore it
     bg = np.full(3, rng.uniform(0, 35), np.float32)
