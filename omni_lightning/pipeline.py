@@ -10,7 +10,7 @@ Stages, in order (each writes one output under ``OUT``)::
     fuse          task arithmetic + diagnostics                    OUT/fused
     recover       projector recovery                               OUT/recovered
     rehearse      balanced multi-modal rehearsal                   OUT/final
-    sweep         control: fusion with other audio coefficients    OUT/sweep/audio-α
+    sweep-…       control: fusion with other coefficients          OUT/sweep/<α overrides>
     eval          every model on every modality                    OUT/eval/<model>.json
     report        report.md, report.json, report.png               OUT/
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 import traceback
@@ -68,7 +69,8 @@ class DataSettings:
 class FuseSettings:
     config: str = "fuse.yaml"
     alpha: dict[str, float] = field(default_factory=lambda: {"image": 0.3, "video": 0.3, "document": 0.3, "audio": 0.5})
-    sweep_audio: list[float] = field(default_factory=list)  # control: re-fuse with these α_audio, eval audio+image
+    # controls: re-fuse with some coefficients overridden (e.g. {audio: 1.0}) and evaluate each result
+    sweep: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +105,16 @@ class PipelineConfig:
     rehearse: str | None = "rehearse.yaml"
     eval: EvalSettings = field(default_factory=EvalSettings)
     budget: Budget = field(default_factory=Budget)
+
+
+def sweep_tag(override: dict[str, float]) -> str:
+    """``{"audio": 1.0}`` → ``"audio1"`` (stage ``sweep-audio1``, folder ``OUT/sweep/audio1``)."""
+    return "-".join(f"{k}{v:g}" for k, v in override.items())
+
+
+def sweep_label(override: dict[str, float]) -> str:
+    """The report's row name of a sweep model, e.g. ``sweep: α audio=1``."""
+    return "sweep: α " + ", ".join(f"{k}={v:g}" for k, v in override.items())
 
 
 class PipelineError(RuntimeError):
@@ -253,9 +265,12 @@ class Pipeline:
         stages.append(self._fit(cfg.recover, out / "fused", out / "recovered", self.data_root, "recover"))
         if cfg.rehearse:
             stages.append(self._fit(cfg.rehearse, out / "recovered", out / "final", self.data_root, "rehearse"))
-        for a in cfg.fuse.sweep_audio:
-            stages.append(self._fuse_stage(f"sweep-audio-{a:g}", out / "sweep" / f"audio-{a:g}",
-                                           {**cfg.fuse.alpha, "audio": a}))
+        for override in cfg.fuse.sweep:
+            unknown = set(override) - set(cfg.fuse.alpha)
+            if unknown:
+                raise ValueError(f"fuse.sweep entry {override} names {sorted(unknown)}, not in fuse.alpha")
+            tag = sweep_tag(override)
+            stages.append(self._fuse_stage(f"sweep-{tag}", out / "sweep" / tag, {**cfg.fuse.alpha, **override}))
         return stages
 
     def _data_stage(self, name: str, root: Path, corpus: str, n_train: int, n_eval: int, mods) -> Stage:
@@ -356,10 +371,10 @@ class Pipeline:
         e = self.cfg.eval
         settings = asdict(e) | {"data": fingerprint(self.data_root)}
         models = dict(self.models())
-        models.update({f"sweep audio α={a:g}": self.out / "sweep" / f"audio-{a:g}" for a in self.cfg.fuse.sweep_audio})
+        models.update({sweep_label(o): self.out / "sweep" / sweep_tag(o) for o in self.cfg.fuse.sweep})
         results = {}
         for name, d in models.items():
-            cache = self.out / "eval" / (name.replace(" ", "_").replace("=", "") + ".json")
+            cache = self.out / "eval" / (re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") + ".json")
             key = {"model": fingerprint(d), "settings": settings}
             if cache.is_file() and not ({"eval", "all"} & self.force):
                 cached = json.loads(cache.read_text())
@@ -367,7 +382,7 @@ class Pipeline:
                     results[name] = cached["results"]
                     continue
             print(f"[eval] {name} ({d})", flush=True)
-            mods = ["audio", "image"] if name.startswith("sweep") else e.modalities
+            mods = [m for m in e.modalities if m != "text"] if name.startswith("sweep") else e.modalities
             res = evaluate_model(d, self.data_root, modalities=mods, batch_size=e.batch_size, progress=True,
                                  max_samples=e.max_samples, pool_size=e.pool_size)
             atomic_write_text(cache, json.dumps({"key": key, "model": str(d), "results": res}, indent=2))
@@ -386,7 +401,7 @@ def parser():
     p.add_argument("--force", type=str, default="",
                    help="redo these stages and everything downstream of them: comma-separated stage names "
                    "(init, pretrain-data, pretrain, data, specialist-<modality>, fuse, recover, rehearse, "
-                   "sweep-audio-<α>, eval), 'specialists' or 'all'")
+                   "sweep-<α overrides>, eval), 'specialists' or 'all'")
     return p
 
 

@@ -228,14 +228,13 @@ def write_report(pipe, results: dict[str, dict]) -> dict[str, Any]:
                f"{'bit-identical to the fused model' if ident['identical'] else 'CHANGED: ' + ', '.join(ident['changed_outside_projector'])}"
                f" ({ident['tensors']} tensors compared; {ident['projector_tensors_changed']} projector tensors changed)."]
     if sweep:
-        md += ["", "## Control: fusion with other audio coefficients (α image/video/document unchanged)", "",
-               "| fused with | audio R@1 | image R@1 |", "|---|---:|---:|"]
-        base_alpha = pipe.cfg.fuse.alpha.get("audio")
-        if "fused" in main_rows:
-            md.append(f"| α_audio = {base_alpha:g} (the pipeline's) | {main_rows['fused']['audio'][PRIMARY]:.3f} | "
-                      f"{main_rows['fused']['image'][PRIMARY]:.3f} |")
-        for name, res in sweep.items():
-            md.append(f"| {name.replace('sweep audio ', '')} | {res['audio'][PRIMARY]:.3f} | {res['image'][PRIMARY]:.3f} |")
+        md += ["", "## Control: fusion with other coefficients (R@1, text → media)", "",
+               "| fused with | " + " | ".join(recipe_mods) + " |", "|---|" + "---:|" * len(recipe_mods)]
+        alpha = ", ".join(f"{k} {v:g}" for k, v in pipe.cfg.fuse.alpha.items())
+        for name, res in {f"α {alpha} (the pipeline's)": main_rows.get("fused"), **sweep}.items():
+            if res:
+                md.append(f"| {name.replace('sweep: ', '')} | " + " | ".join(
+                    f"{res[m][PRIMARY]:.3f}" if m in res else "–" for m in recipe_mods) + " |")
     if timings:
         md += ["", "## Stage times (s, last run of each stage)", "", "| stage | s |", "|---|---:|"]
         md += [f"| {k} | {v:.0f} |" for k, v in timings.items()]

@@ -23,7 +23,7 @@ def mini_args(out) -> list[str]:
             "--budget.steps_per_epoch", "2", "--budget.max_epochs", "1", "--budget.batch_size", "8",
             "--budget.val_batches", "1", "--budget.num_workers", "0", "--budget.logger", "false",
             "--eval.batch_size", "16", "--eval.pool_size", "8", "--eval.max_samples", "16",
-            "--fuse.sweep_audio", "[1.0]"]
+            "--fuse.sweep", "[{audio: 1.0}]"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def mini(tmp_path_factory):
 def test_miniature_pipeline_writes_full_report(mini):
     report = json.loads((mini / "report.json").read_text())
     assert list(report["results"])[: len(MODELS)] == MODELS
-    assert "sweep audio α=1" in report["results"]
+    assert set(report["results"]["sweep: α audio=1"]) == {"image", "video", "document", "audio"}
+    assert "| α audio=1 |" in (mini / "report.md").read_text()
     for name in MODELS:
         assert set(report["results"][name]) == set(COLUMNS), name
         for m in COLUMNS:
@@ -57,7 +58,7 @@ def test_miniature_pipeline_writes_full_report(mini):
     assert set(report["drift"]) == {"audio specialist", "fused", "recovered", "final (rehearsed)"}
     # every stage left a record; the chain starts from the pretrained base
     stages = {p.stem for p in (mini / ".pipeline").glob("*.json")}
-    assert {"init", "pretrain-data", "pretrain", "data", "fuse", "recover", "rehearse", "sweep-audio-1"} <= stages
+    assert {"init", "pretrain-data", "pretrain", "data", "fuse", "recover", "rehearse", "sweep-audio1"} <= stages
     from omni_lightning.model.config import OmniConfig
 
     assert [h["step"] for h in OmniConfig.load(mini / "base").history][-1] == "pretrain"
@@ -75,14 +76,14 @@ def test_rerun_skips_everything_and_force_redoes_downstream(mini, capsys):
     # fuse is redone, and so is everything made from its output; the sweep and specialists are not
     assert pipe.ran == ["fuse", "recover", "rehearse"]
     out = capsys.readouterr().out
-    assert "[skip] specialist-audio" in out and "[skip] sweep-audio-1" in out
+    assert "[skip] specialist-audio" in out and "[skip] sweep-audio1" in out
 
 
 def test_changed_config_invalidates_stage(mini, tmp_path):
     cfg, _ = load_pipeline_config(mini_args(mini) + ["--fuse.alpha", "{image: 0.3, video: 0.3, document: 0.3, audio: 0.6}"])
     pipe = Pipeline(cfg)
     status = {s.name: pipe.is_done(s) for s in pipe.stages}
-    assert status["fuse"] is False and status["specialist-audio"] is True and status["sweep-audio-1"] is True
+    assert status["fuse"] is False and status["specialist-audio"] is True and status["sweep-audio1"] is True
 
 
 def test_failing_stage_stops_and_keeps_finished_stages(mini, tmp_path, capsys):
