@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omni_lightning.utils import atomic_write_text
+from omni_lightning.utils import atomic_write_text, readable_mode
 
 PRIMARY = "q2c_r1"
 STAGE_ROWS = ("base", "specialist", "fused", "recovered", "final (rehearsed)")
@@ -144,6 +144,7 @@ def plot_report(results: dict[str, dict], modalities: list[str], path: Path) -> 
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, readable_mode())  # mkstemp makes it private; a report is for reading
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -185,9 +186,10 @@ def write_report(pipe, results: dict[str, dict]) -> dict[str, Any]:
     diag = json.loads(diag_path.read_text()) if diag_path.is_file() else None
     checks = pattern_checks(main_rows, recipe_mods, None if ident is None else ident["identical"])
     timings = {}
-    for rec in sorted((out / ".pipeline").glob("*.json")):
-        r = json.loads(rec.read_text())
-        timings[r["stage"]] = r["seconds"]
+    for stage in pipe.stages:  # the current plan's stages (records of stages since dropped from the config stay out)
+        rec = out / ".pipeline" / f"{stage.name}.json"
+        if rec.is_file():
+            timings[stage.name] = json.loads(rec.read_text())["seconds"]
 
     md = ["# omni-lightning pipeline report", "",
           f"Models under `{out}`, data `{pipe.data_root}`, eval split. Own-modality cells of each specialist in bold.",
