@@ -78,9 +78,9 @@ def test_lora_merged_export_equals_wrapped_model(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------ exact resume
 
 
-def _fit(model_dir, data_root, tmp, *, num_workers, mixed, mods=MODS, max_steps=-1, save_at=None, ckpt=None,
-         logger=False):
-    """Rehearsal on the tiny model: 2 epochs of 4 steps; records (global step, modality, samples) per batch."""
+def _fit(model_dir, data_root, tmp, *, num_workers, mixed, mods=MODS, steps=4, epochs=2, max_steps=-1, save_at=None,
+         ckpt=None, logger=False):
+    """Rehearsal on the tiny model (batch 4); records (global step, modality, samples) per trained batch."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -101,12 +101,12 @@ def _fit(model_dir, data_root, tmp, *, num_workers, mixed, mods=MODS, max_steps=
     module = RehearsalModule(model=str(model_dir), lora=LoraSettings(parts=["backbone"], r=4),
                              loss=LossSettings(temperature=0.05),
                              optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
-    data = OmniDataModule(str(data_root), mods, model=str(model_dir), batch_size=4, steps_per_epoch=4,
+    data = OmniDataModule(str(data_root), mods, model=str(model_dir), batch_size=4, steps_per_epoch=steps,
                           val_batches=1, num_workers=num_workers, shuffle_buffer=8, mixed_batches=mixed)
     record = Record()
     callbacks = [record] + ([ModelCheckpoint(dirpath=tmp, every_n_train_steps=save_at, save_top_k=-1)]
                             if save_at else [])
-    trainer = pl.Trainer(max_epochs=2, max_steps=max_steps, enable_checkpointing=bool(save_at),
+    trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, enable_checkpointing=bool(save_at),
                          logger=CSVLogger(tmp, name="log") if logger else False, log_every_n_steps=1,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          default_root_dir=tmp, callbacks=callbacks)
@@ -117,20 +117,22 @@ def _fit(model_dir, data_root, tmp, *, num_workers, mixed, mods=MODS, max_steps=
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
-@pytest.mark.parametrize("num_workers,stop,mixed", [(0, 6, False), (2, 3, True)], ids=["in-process", "2-workers-mixed"])
-def test_mid_epoch_resume_is_exact(tiny_model_dir, demo_root, tmp_path, num_workers, stop, mixed):
+@pytest.mark.parametrize("num_workers,steps,epochs,stop,mixed", [(0, 4, 2, 6, False), (2, 6, 1, 3, True)],
+                         ids=["in-process", "2-workers-mixed"])
+def test_mid_epoch_resume_is_exact(tiny_model_dir, demo_root, tmp_path, num_workers, steps, epochs, stop, mixed):
     """Uninterrupted vs stopped at `stop` (mid-epoch; with 2 workers at an odd offset, so lanes swap workers) and
     resumed from the checkpoint: the same batches in the same order and bitwise-equal weights."""
     mods = ["image", "audio"] if mixed else MODS  # mixed: 2 sub-batches of 2 per step
-    kw = dict(num_workers=num_workers, mixed=mixed, mods=mods)
+    kw = dict(num_workers=num_workers, mixed=mixed, mods=mods, steps=steps, epochs=epochs)
+    total = steps * epochs
     full, seen_full, trainer, data = _fit(tiny_model_dir, demo_root, tmp_path / "full", logger=not mixed, **kw)
     _, seen_a, _, _ = _fit(tiny_model_dir, demo_root, tmp_path / "a", max_steps=stop, save_at=stop, **kw)
     ckpt = next((tmp_path / "a").glob(f"*step={stop}.ckpt"))
     state = torch.load(ckpt, weights_only=False)["OmniDataModule"]["train_stream"]
-    assert (state["epoch"], state["next"]) == divmod(stop, 4) and state["next"] > 0  # stopped mid-epoch
+    assert (state["epoch"], state["next"]) == divmod(stop, steps) and state["next"] > 0  # stopped mid-epoch
     resumed, seen_b, _, _ = _fit(tiny_model_dir, demo_root, tmp_path / "b", ckpt=str(ckpt), **kw)
 
-    assert len(seen_full) == 8 and [s[0] for s in seen_a + seen_b] == list(range(8))
+    assert len(seen_full) == total and [s[0] for s in seen_a + seen_b] == list(range(total))
     assert [s[1:] for s in seen_a + seen_b] == [s[1:] for s in seen_full]  # same modalities, samples, order
     assert full.keys() == resumed.keys() and len(full) > 0
     for k in full:
@@ -139,9 +141,10 @@ def test_mid_epoch_resume_is_exact(tiny_model_dir, demo_root, tmp_path, num_work
     if mixed:
         assert all(s[1] == "mixed" and {m for m, _ in s[2]} == {"image", "audio"} for s in seen_full)
     else:  # the logged mix is what training consumed
-        rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+        with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
         last = [r for r in rows if r.get("rehearse/mix/image")][-1]
         counts = {m: sum(s[1] == m for s in seen_full) for m in MODS}
         for m in MODS:
-            assert float(last[f"rehearse/mix/{m}"]) == pytest.approx(counts[m] / 8)
-        assert data.mix == {m: counts[m] / 8 for m in MODS}
+            assert float(last[f"rehearse/mix/{m}"]) == pytest.approx(counts[m] / total)
+        assert data.mix == {m: counts[m] / total for m in MODS}

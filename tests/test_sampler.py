@@ -253,7 +253,7 @@ def test_progress_state_moves_to_next_epoch_at_epoch_end(uneven_root):
 # ------------------------------------------------------------------------------------------------ errors
 
 
-def test_configuration_errors_name_the_modality(uneven_root, tmp_path):
+def test_configuration_errors_name_the_modality(uneven_root, tmp_path, tiny_model_dir):
     kw = dict(model="unused", batch_size=4, steps_per_epoch=2)
     with pytest.raises(ValueError, match=r"weight of modality 'audio' is 0.*drop it from data.init_args.modalities"):
         OmniDataModule(str(uneven_root), MODS, weights={"image": 1, "video": 1, "document": 1, "audio": 0}, **kw)
@@ -279,7 +279,7 @@ def test_configuration_errors_name_the_modality(uneven_root, tmp_path):
     with pytest.raises(ValueError, match=r"modality 'audio' is empty: .*holds 0 samples"):
         OmniDataModule(str(tmp_path / "empty"), ["audio"], **kw).setup("fit")
     # fewer shards than workers x ranks: a warning naming the modality and what to do
-    dm = OmniDataModule(str(uneven_root), ["video", "image"], num_workers=2, **kw)
+    dm = OmniDataModule(str(uneven_root), ["video", "image"], num_workers=2, **dict(kw, model=str(tiny_model_dir)))
     pattern = r"modality 'video' has 1 shard\(s\).*2 worker\(s\) x 1 rank\(s\).*more, smaller shards"
     with pytest.warns(UserWarning, match=pattern) as rec:
         dm.setup("fit")
@@ -289,7 +289,7 @@ def test_configuration_errors_name_the_modality(uneven_root, tmp_path):
 # ------------------------------------------------------------------------------------------------ DDP
 
 
-def _rank_main(root: str, out: str, rank: int, port: int) -> None:
+def _rank_main(root: str, model: str, out: str, rank: int, port: int) -> None:
     """One rank of a 2-process gloo group (forked from the test process: no second interpreter start-up)."""
     import torch.distributed as dist
 
@@ -300,7 +300,7 @@ def _rank_main(root: str, out: str, rank: int, port: int) -> None:
     # the processor is not under test here: collate to keys only (the DataLoader's forked workers inherit it)
     datamodule.Collator.__call__ = lambda self, samples, m: {"modality": m, "size": len(samples),
                                                              "keys": [s["key"] for s in samples]}
-    dm = datamodule.OmniDataModule(root, MODS, model="unused", batch_size=4, steps_per_epoch=7, num_workers=2,
+    dm = datamodule.OmniDataModule(root, MODS, model=model, batch_size=4, steps_per_epoch=7, num_workers=2,
                                    shuffle_buffer=8, val_batches=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -315,12 +315,13 @@ def _rank_main(root: str, out: str, rank: int, port: int) -> None:
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_share_the_schedule_with_equal_batch_counts(uneven_root, tmp_path):
+def test_two_gloo_ranks_share_the_schedule_with_equal_batch_counts(uneven_root, tmp_path, tiny_model_dir):
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     port = 29500 + os.getpid() % 2000
-    procs = [ctx.Process(target=_rank_main, args=(str(uneven_root), str(tmp_path), r, port)) for r in (0, 1)]
+    procs = [ctx.Process(target=_rank_main, args=(str(uneven_root), str(tiny_model_dir), str(tmp_path), r, port))
+             for r in (0, 1)]
     for p in procs:
         p.start()
     for p in procs:

@@ -48,11 +48,15 @@ class Collator:
 
     @property
     def processor(self):
-        if self._processor is None:  # built lazily, once per worker process
+        if self._processor is None:  # built lazily, once per process
             from omni_lightning.model.processor import OmniProcessor
 
             self._processor = OmniProcessor.from_pretrained(self.model_dir)
         return self._processor
+
+    def __getstate__(self) -> dict[str, Any]:
+        # workers started by fork inherit a processor built in the parent; spawned ones rebuild it lazily
+        return dict(self.__dict__, _processor=None)
 
     def _side(self, items: list[dict], instructions: list[str] | None) -> list[dict[str, torch.Tensor]]:
         n = len(items)
@@ -222,6 +226,10 @@ class OmniDataModule(LightningDataModule):
         if not self.model_dir:
             raise ValueError("OmniDataModule needs the model directory (data.init_args.model) to build inputs")
         collator = Collator(self.model_dir, self.chunk_size, self.num_negatives)
+        if self.num_workers > 0:
+            # built once here, so the DataLoader workers (forked anew every epoch and every validation)
+            # inherit it instead of each loading the processor again
+            collator.processor
         if stage == "fit":
             train_dirs = self._dirs(self.train_split)
             indexes = {m: read_index(d) for m, d in train_dirs.items()}
