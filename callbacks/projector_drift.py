@@ -27,20 +27,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from omni_lightning.data.shards import iter_samples, split_dir
-from omni_lightning.evaluation import relevance, retrieval_scores
+from omni_lightning.data.shards import split_dir
+from omni_lightning.evaluation import load_split, relevance, retrieval_scores
 
 
 def load_pairs(data_root: str | Path, split: str = "eval", max_samples: int = 256, modality: str = "audio") -> list[dict]:
     """The first ``max_samples`` decoded audio–text pairs of ``<data_root>/<modality>/<split>``."""
     d = split_dir(data_root, modality, split)
-    out = []
-    for sample in iter_samples(str(d), resampled=False, split_nodes=False, split_workers=False):
-        out.append(sample)
-        if len(out) >= max_samples:
-            break
-    if not out:
-        raise ValueError(f"no samples in {d}")
+    out = load_split(d, max_samples)
     if any(s["pos"]["type"] != "audio" for s in out):
         raise ValueError(f"{d}: projector drift needs pairs whose positive is audio")
     return out

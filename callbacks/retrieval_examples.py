@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from omni_lightning.data.shards import iter_samples, split_dir
+from omni_lightning.data.shards import split_dir
+from omni_lightning.evaluation import load_split
 
 
 def load_pool(data_root: str | Path, modality: str, split: str = "eval", pool_size: int = 128) -> list[dict]:
@@ -32,14 +33,7 @@ def load_pool(data_root: str | Path, modality: str, split: str = "eval", pool_si
     d = split_dir(data_root, modality, split)
     if not d.is_dir():
         raise FileNotFoundError(f"no {split} shards for {modality} under {data_root} ({d} does not exist)")
-    out = []
-    for sample in iter_samples(str(d), resampled=False, split_nodes=False, split_workers=False):
-        out.append(sample)
-        if len(out) >= pool_size:
-            break
-    if not out:
-        raise ValueError(f"no samples in {d}")
-    return out
+    return load_split(d, pool_size)
 
 
 def _text(item: dict) -> str:

@@ -206,6 +206,9 @@ def zero_shot_accuracy(media: Tensor, media_labels: list, prompts: Tensor, promp
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def load_split(directory: str | Path, max_samples: int | None = None) -> list[dict]:
+    """The first ``max_samples`` decoded samples of a shard set (all of them for ``None``), in shard order."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"no shards at {directory} (the folder does not exist)")
     samples = []
     for s in iter_samples(str(directory), resampled=False, split_nodes=False, split_workers=False):
         samples.append(s)

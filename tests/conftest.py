@@ -74,3 +74,26 @@ def fit_args(config, model_dir, data_root, out, extra=()) -> list[str]:
         "--trainer.default_root_dir", str(Path(out).parent / "lightning"),
         *extra,
     ]
+
+
+def assert_lora_export_equals_wrapped(module, model_dir, out_dir) -> None:
+    """Random non-zero adapters; the merged dense export must embed like the LoRA-wrapped model."""
+    import torch
+
+    from omni_lightning.model import OmniEmbedder
+    from omni_lightning.model.processor import OmniProcessor
+
+    torch.manual_seed(0)
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # non-zero adapters (lora_B starts at zero)
+    module.eval()
+    batch = OmniProcessor.from_pretrained(model_dir)(demo_items(), "x")
+    with torch.no_grad():
+        wrapped = module.model(batch)
+        plain = OmniEmbedder.from_pretrained(model_dir).eval()(batch)
+    assert (wrapped - plain).abs().max() > 1e-3  # the adapters matter
+    out = module.export(out_dir)
+    with torch.no_grad():
+        merged = OmniEmbedder.from_pretrained(out).eval()(batch)
+    torch.testing.assert_close(merged, wrapped, atol=1e-5, rtol=1e-4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import demo_items, fit_args
+from conftest import assert_lora_export_equals_wrapped, demo_items, fit_args
 from omni_lightning.cli import main
 from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor
 from omni_lightning.model.omni import load_safetensors_dir
@@ -58,21 +58,7 @@ def test_lora_merged_export_equals_wrapped_model(tiny_model_dir, tmp_path):
     from omni_lightning.modules import RehearsalModule
 
     module = RehearsalModule(model=str(tiny_model_dir))
-    torch.manual_seed(0)
-    for name, p in module.model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)  # non-zero adapters (lora_B starts at zero)
-    module.eval()
-    proc = OmniProcessor.from_pretrained(tiny_model_dir)
-    batch = proc(demo_items(), "x")
-    with torch.no_grad():
-        wrapped = module.model(batch)
-        plain = OmniEmbedder.from_pretrained(tiny_model_dir).eval()(batch)
-    assert (wrapped - plain).abs().max() > 1e-3  # the adapters matter
-    out = module.export(tmp_path / "merged")
-    with torch.no_grad():
-        merged = OmniEmbedder.from_pretrained(out).eval()(batch)
-    torch.testing.assert_close(merged, wrapped, atol=1e-5, rtol=1e-4)
+    assert_lora_export_equals_wrapped(module, tiny_model_dir, tmp_path / "merged")
 
 
 # ------------------------------------------------------------------------------------------------ exact resume

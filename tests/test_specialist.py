@@ -60,25 +60,11 @@ def test_specialist_config_runs_and_exports(modality, tiny_model_dir, demo_root,
 
 
 def test_lora_export_equals_wrapped_model(tiny_model_dir, tmp_path):
-    from conftest import demo_items
+    from conftest import assert_lora_export_equals_wrapped
     from omni_lightning.modules import LoraSettings, SpecialistModule
 
     module = SpecialistModule(modality="image", model=str(tiny_model_dir), lora=LoraSettings(parts=["all"], r=4))
-    torch.manual_seed(0)
-    for name, p in module.model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)  # non-zero adapters (lora_B starts at zero)
-    module.eval()
-    proc = OmniProcessor.from_pretrained(tiny_model_dir)
-    batch = proc(demo_items(), "x")
-    with torch.no_grad():
-        wrapped = module.model(batch)
-        plain = OmniEmbedder.from_pretrained(tiny_model_dir).eval()(batch)
-    assert (wrapped - plain).abs().max() > 1e-3  # the adapters matter
-    out = module.export(tmp_path / "merged")
-    with torch.no_grad():
-        merged = OmniEmbedder.from_pretrained(out).eval()(batch)
-    torch.testing.assert_close(merged, wrapped, atol=1e-5, rtol=1e-4)
+    assert_lora_export_equals_wrapped(module, tiny_model_dir, tmp_path / "merged")
 
 
 def test_parts_configuration_errors(tiny_model_dir):
