@@ -67,7 +67,7 @@ def pattern_checks(results: dict[str, dict], modalities: list[str], backbone_ide
         worst = min((own_path(results, m)["final (rehearsed)"] - own_path(results, m)["recovered"], m)
                     for m in modalities if own_path(results, m)["recovered"] is not None)
         checks.append({"check": "rehearsal keeps every modality at or near (within 0.05) its recovered value",
-                       "measured": f"largest drop {worst[0]:+.3f} ({worst[1]})", "ok": worst[0] >= -0.05})
+                       "measured": f"smallest change {worst[0]:+.3f} ({worst[1]})", "ok": worst[0] >= -0.05})
     return checks
 
 
