@@ -389,6 +389,27 @@ class Pipeline:
             results[name] = res
         return results
 
+    def drift(self) -> dict[str, dict[str, float]]:
+        """The drift table: audio–text eval pairs through each audio-carrying model, against the audio specialist.
+        Cached in ``OUT/eval/drift.json`` under the models' fingerprints, like :meth:`evaluate`."""
+        from omni_lightning.report import DRIFT_MODELS, drift_rows
+
+        reference = self.out / "specialists" / "audio"
+        if "audio" not in self.cfg.eval.modalities or not reference.is_dir():
+            return {}
+        models = {n: d for n, d in self.models().items() if n in DRIFT_MODELS and d.is_dir()}
+        key = {"reference": fingerprint(reference), "models": {n: fingerprint(d) for n, d in models.items()},
+               "data": fingerprint(self.data_root / "audio")}
+        cache = self.out / "eval" / "drift.json"
+        if cache.is_file() and not ({"eval", "all"} & self.force):
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached["rows"]
+        print("[eval] projector drift", flush=True)
+        rows = drift_rows(models, self.data_root, reference)
+        atomic_write_text(cache, json.dumps({"key": key, "rows": rows}, indent=2))
+        return rows
+
 
 # ---------------------------------------------------------------------------------------------- entry points
 def parser():

@@ -101,6 +101,9 @@ def backbone_identical(fused: Path, recovered: Path) -> dict[str, Any]:
             "projector_tensors_changed": len(projector_changed), "tensors": len(a)}
 
 
+DRIFT_MODELS = ("audio specialist", "fused", "recovered", "final (rehearsed)")  # the drift table's rows
+
+
 def drift_rows(models: dict[str, Path], data_root: Path, reference: Path, max_samples: int = 256) -> dict[str, dict]:
     from omni_lightning.callbacks.projector_drift import load_pairs, measure_drift
     from omni_lightning.model.omni import load_model_and_processor
@@ -176,12 +179,7 @@ def write_report(pipe, results: dict[str, dict]) -> dict[str, Any]:
     ident = None
     if (out / "fused").is_dir() and (out / "recovered").is_dir():
         ident = backbone_identical(out / "fused", out / "recovered")
-    drift = {}
-    audio_spec = out / "specialists" / "audio"
-    if "audio" in mods and audio_spec.is_dir():
-        drift_models = {n: d for n, d in pipe.models().items() if n in ("audio specialist", "fused", "recovered",
-                                                                         "final (rehearsed)")}
-        drift = drift_rows(drift_models, pipe.data_root, audio_spec)
+    drift = pipe.drift() if "audio" in mods else {}
     diag_path = out / "fused" / "diagnostics.json"
     diag = json.loads(diag_path.read_text()) if diag_path.is_file() else None
     checks = pattern_checks(main_rows, recipe_mods, None if ident is None else ident["identical"])

@@ -68,8 +68,14 @@ def test_rerun_skips_everything_and_force_redoes_downstream(mini, capsys):
     cfg, _ = load_pipeline_config(mini_args(mini))
     pipe = Pipeline(cfg)
     assert all(pipe.is_done(s) for s in pipe.stages)
+    capsys.readouterr()
+    before = json.loads((mini / "report.json").read_text())
     pipe.run()
     assert pipe.ran == []
+    # nothing changed, so no model is loaded again: eval results and the drift table come from the cache
+    assert "[eval]" not in capsys.readouterr().out
+    after = json.loads((mini / "report.json").read_text())
+    assert after["results"] == before["results"] and after["drift"] == before["drift"]
     cfg, force = load_pipeline_config(mini_args(mini) + ["--force", "fuse"])
     pipe = Pipeline(cfg, force)
     pipe.run()
@@ -77,6 +83,9 @@ def test_rerun_skips_everything_and_force_redoes_downstream(mini, capsys):
     assert pipe.ran == ["fuse", "recover", "rehearse"]
     out = capsys.readouterr().out
     assert "[skip] specialist-audio" in out and "[skip] sweep-audio1" in out
+    # the redone models are evaluated again, the untouched ones are not; the drift table is recomputed
+    assert "[eval] fused" in out and "[eval] recovered" in out and "[eval] projector drift" in out
+    assert "[eval] audio specialist" not in out and "[eval] base" not in out
 
 
 def test_changed_config_invalidates_stage(mini, tmp_path):
