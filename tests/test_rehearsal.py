@@ -134,3 +134,77 @@ def test_mid_epoch_resume_is_exact(tiny_model_dir, demo_root, tmp_path, num_work
         for m in MODS:
             assert float(last[f"rehearse/mix/{m}"]) == pytest.approx(counts[m] / total)
         assert data.mix == {m: counts[m] / total for m in MODS}
+
+
+def _rehearse_ddp(tiny_model_dir, demo_root, out, strategy, mixed):
+    import os
+    import subprocess
+    import sys
+
+    args = fit_args(REPO / "configs" / "rehearse.yaml", tiny_model_dir, demo_root, out,
+                    ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", strategy,
+                     "--data.init_args.mixed_batches", str(mixed).lower(), "--data.init_args.steps_per_epoch", "4",
+                     "--data.init_args.seed", "5"])  # seed 5: the 4 per-modality steps are image, audio, video, document
+    return subprocess.run([sys.executable, "-m", "omni_lightning", *args], capture_output=True, text=True,
+                          timeout=400, env=dict(os.environ, PYTHONWARNINGS="ignore"), cwd=out.parent)
+
+
+# per-modality batches need unused-parameter detection (an audio step leaves the vision encoder's LoRA idle);
+# mixed batches of 8 hold every modality at every step, so plain DDP is enough
+@pytest.mark.parametrize("strategy,mixed", [("ddp_find_unused_parameters_true", False), ("ddp", True)],
+                         ids=["per-modality", "mixed"])
+def test_rehearsal_ddp_two_cpu_processes(tiny_model_dir, demo_root, tmp_path, strategy, mixed):
+    """Rehearsal under DDP on 2 CPU ranks (gloo): LoRA on the backbone, cross-device negatives, and either steps
+    of one modality each (the vision encoder idle on the audio step) or mixed batches whose per-modality
+    sub-batches meet across ranks. It runs, trains only the backbone, and records the schedule's mix."""
+    from omni_lightning.data.balanced_sampler import BalancedSchedule
+
+    out = tmp_path / "ddp"
+    r = _rehearse_ddp(tiny_model_dir, demo_root, out, strategy, mixed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = OmniConfig.load(out).history[-1]
+    assert rec["step"] == "rehearse" and rec["global_step"] == 4 and rec["mixed_batches"] is mixed
+    base, trained = load_safetensors_dir(tiny_model_dir), load_safetensors_dir(out)
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert changed and all(k.startswith("backbone.") for k in changed), sorted(changed)[:5]
+    assert any(".visual." in k for k in changed) and any(".language_model." in k for k in changed)
+    sched = BalancedSchedule(MODS, {m: 0.25 for m in MODS}, 8, 5, mixed)
+    if mixed:  # 2 of each per step on each rank
+        assert all(sched.composition(s) == {m: 2 for m in MODS} for s in range(4))
+        assert rec["mix"] == pytest.approx({m: 0.25 for m in MODS})
+    else:  # the recorded mix is the schedule's, which every rank shares
+        kinds = [sched.modality(s) for s in range(4)]
+        assert sorted(kinds) == sorted(MODS)  # the audio step is in there
+        assert rec["mix"] == pytest.approx({m: kinds.count(m) / 4 for m in MODS})
+
+
+def test_plain_ddp_with_idle_parts_is_refused_before_the_first_step(tiny_model_dir, demo_root, tmp_path):
+    out = tmp_path / "ddp"
+    r = _rehearse_ddp(tiny_model_dir, demo_root, out, "ddp", False)
+    assert r.returncode != 0 and not out.exists()
+    msg = "a step of audio leaves vision_encoder unused"
+    assert msg in r.stderr and "ddp_find_unused_parameters_true" in r.stderr, r.stderr[-3000:]
+    assert "It looks like your LightningModule has parameters that were not used" not in r.stderr
+
+
+def test_sparsest_steps_and_idle_parts(tiny_model_dir):
+    from omni_lightning.data.balanced_sampler import BalancedSchedule
+    from omni_lightning.modules import RehearsalModule
+
+    probs = {m: 0.25 for m in MODS}
+    assert BalancedSchedule(MODS, probs, 8, 0, False).sparsest_steps() == [frozenset([m]) for m in MODS]
+    assert BalancedSchedule(MODS, probs, 8, 0, True).sparsest_steps() == [frozenset(MODS)]
+    # batch 6: 1.5 per modality, so each has at least one sample
+    assert BalancedSchedule(MODS, probs, 6, 0, True).sparsest_steps() == [frozenset(MODS)]
+    # batch 3: no modality is sure of a sample; a step may hold any one alone
+    skew = {"image": 0.7, "video": 0.1, "document": 0.1, "audio": 0.1}
+    assert BalancedSchedule(MODS, skew, 3, 0, True).sparsest_steps() == [frozenset(["image"])]
+    assert BalancedSchedule(MODS, probs, 3, 0, True).sparsest_steps() == [frozenset([m]) for m in MODS]
+    # brute force: the claimed sparsest set is contained in every step's composition
+    for sched in (BalancedSchedule(MODS, skew, 3, 0, True), BalancedSchedule(MODS, probs, 6, 0, True)):
+        (always,) = sched.sparsest_steps()
+        assert all(always <= set(sched.composition(s)) for s in range(500))
+
+    emb = RehearsalModule(model=str(tiny_model_dir)).embedder  # LoRA on the language model and vision encoder
+    assert emb.idle_parts({"audio"}) == ["vision_encoder"] and emb.idle_parts({"image"}) == []
+    assert emb.idle_parts({"audio", "video"}) == []

@@ -179,6 +179,15 @@ class BalancedSchedule:
             counts[max(range(len(fracs)), key=lambda j: fracs[j])] += len(points) - i  # float round-off only
         return {m: n for m, n in zip(self.modalities, counts) if n > 0}
 
+    def sparsest_steps(self) -> list[frozenset[str]]:
+        """The smallest sets of modalities one step can hold: each modality alone (one modality per batch), or
+        in mixed mode those whose sub-batch is never empty (``floor(B·p_m) >= 1``)."""
+        if self.mixed:
+            always = frozenset(m for m, p in zip(self.modalities, self.probs) if math.floor(self.batch_size * p) >= 1)
+            if always:
+                return [always]
+        return [frozenset([m]) for m in self.modalities]
+
     def lane_positions(self, epoch: int, steps_per_epoch: int, lane: int, num_lanes: int,
                        offset: int) -> dict[str, int]:
         """Samples lane ``lane`` consumed per modality in local steps ``[0, offset)`` of ``epoch``."""

@@ -106,6 +106,17 @@ class OmniEmbedder(nn.Module):
             return True
         return "audio_features" in batch and (_trainable(self.audio_encoder) or _trainable(self.projector))
 
+    def idle_parts(self, modalities: set[str] | frozenset[str]) -> list[str]:
+        """Trainable parts that a batch of only these modalities leaves without a gradient (what ``_reaches_trainable``
+        decides per batch; queries are text, so the language model is always reached)."""
+        idle = []
+        if not {"image", "video", "document"} & set(modalities) and _trainable(self.backbone.visual):
+            idle.append("vision_encoder")
+        if "audio" not in modalities:
+            idle += [name for name, mod in (("audio_encoder", self.audio_encoder), ("projector", self.projector))
+                     if _trainable(mod)]
+        return idle
+
     def _position_ids(self, batch: dict[str, Tensor]) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if "image_grid_thw" in batch or "video_grid_thw" in batch:

@@ -173,6 +173,9 @@ class OmniModule(LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        _check_ddp_idle_parts(self)
+
     # ------------------------------------------------------------------ forward
     def encode_chunks(self, chunks: list[dict[str, Tensor]]) -> Tensor:
         return torch.cat([self.model(c) for c in chunks], 0)
@@ -286,6 +289,29 @@ def _part_of(name: str) -> str:
         if name.startswith(prefix):
             return part
     return "other"
+
+
+def _check_ddp_idle_parts(module: OmniModule) -> None:
+    """Plain DDP fails at the first step that leaves a trainable part without a gradient, with an error from
+    inside torch (an audio step while the vision encoder's LoRA trains, a text step in stage 0). Say so before
+    the first step, naming the parts, the modalities and the two ways out."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = module.trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
+        return
+    train = getattr(module.trainer.datamodule, "_train", None)
+    schedule = getattr(train, "schedule", None)
+    if schedule is None:
+        return
+    idle = {", ".join(sorted(step)): module.embedder.idle_parts(step) for step in schedule.sparsest_steps()}
+    idle = {step: parts for step, parts in idle.items() if parts}
+    if idle:
+        which = "; ".join(f"a step of {step} leaves {', '.join(parts)} unused" for step, parts in idle.items())
+        raise ValueError(
+            f"DDP without unused-parameter detection cannot train this mix: {which}. Use --trainer.strategy "
+            "ddp_find_unused_parameters_true, or --data.init_args.mixed_batches true with a batch size that gives "
+            "every modality at least one sample per step")
 
 
 def _any_rank_updated(metric, module: LightningModule) -> bool:
