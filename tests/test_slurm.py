@@ -21,6 +21,7 @@ import torch
 
 from conftest import fit_args
 from slurm_helpers import assert_logged
+from omni_lightning.model.config import OmniConfig
 from omni_lightning.model.omni import load_safetensors_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,6 +315,34 @@ def test_sigterm_outside_slurm_saves_a_checkpoint_and_resume_is_bitwise(tiny_mod
     main([*args, "--ckpt_path", "hpc"])  # the documented resume
     assert not list(root.glob("hpc_ckpt_*.ckpt"))
     assert_same_weights(load_safetensors_dir(out), reference_run)
+
+
+def test_sigterm_during_validation_saves_a_checkpoint_and_resume_is_bitwise(tiny_model_dir, demo_root, tmp_path,
+                                                                           monkeypatch):
+    """SIGTERM while the end-of-epoch validation runs (Lightning raises it there, outside a training batch): the
+    checkpoint holds the finished epoch, and resuming trains the second epoch to the uninterrupted weights."""
+    from omni_lightning.cli import main
+
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    two_epochs = ["--trainer.max_epochs", "2"]
+    ref = tmp_path / "reference"
+    main(fit_args(REPO / "configs/specialist/image.yaml", tiny_model_dir, demo_root, ref, two_epochs))
+
+    monkeypatch.setenv("SEND_SIGNAL", "SIGTERM")
+    monkeypatch.setenv("SEND_SIGNAL_AT_STEP", "3")  # the first epoch's 3 steps are done: its validation
+    monkeypatch.setenv("SEND_SIGNAL_IN", "validation")
+    out = tmp_path / "image"
+    args = fit_args(REPO / "configs/specialist/image.yaml", tiny_model_dir, demo_root, out, two_epochs)
+    root = Path(args[args.index("--trainer.default_root_dir") + 1])
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--trainer.callbacks+=slurm_helpers.SendSignal"])
+    assert stop.value.code == 143
+    assert [p.name for p in root.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"] and not out.exists()
+    assert torch.load(root / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+    main([*args, "--ckpt_path", "hpc"])
+    assert OmniConfig.load(out).history[-1]["global_step"] == 6
+    assert_same_weights(load_safetensors_dir(out), load_safetensors_dir(ref))
 
 
 def test_fuse_job_runs_end_to_end_and_logs_its_diagnostics(tiny_model_dir, demo_root, tmp_path):
