@@ -34,8 +34,8 @@
 #     OMNI_TIME           wall-clock limit of each submitted job [#SBATCH of each script]
 #   training
 #     OMNI_STRATEGY       Lightning strategy [the config's: DDP across all tasks when there are several];
-#                         e.g. fsdp (shards parameters, gradients and optimizer state: for models that do
-#                         not fit one device) or ddp_find_unused_parameters_true (rehearsal under DDP)
+#                         e.g. ddp_find_unused_parameters_true (rehearsal under DDP); sharded ones (fsdp)
+#                         are refused while the fit exports a model directory (see README, SLURM)
 #   Weights & Biases
 #     OMNI_WANDB          1: log through omni_lightning.loggers.OmniWandbLogger [1]; 0: the config's CSVLogger
 #     WANDB_MODE          offline (runs land in $OMNI_OUT/logs/<job>/wandb/; upload with `wandb sync`) or

@@ -8,7 +8,7 @@
 # Settings (environment) and their defaults: slurm/common.sh — OMNI_OUT [runs/demo], OMNI_DATA
 # [$OMNI_OUT/data], OMNI_CONFIG [configs/recover.yaml], OMNI_PARTITION, OMNI_ACCOUNT, OMNI_QOS [cluster
 # defaults], OMNI_NODES [1], OMNI_GPUS_PER_NODE [8], OMNI_CPUS_PER_TASK [8], OMNI_MEM [0], OMNI_TIME
-# [08:00:00], OMNI_STRATEGY [DDP; e.g. fsdp], OMNI_WANDB [1].
+# [08:00:00], OMNI_STRATEGY [DDP], OMNI_WANDB [1].
 # Reads $OMNI_OUT/fused, writes $OMNI_OUT/recovered. Preemption: see slurm/common.sh.
 #SBATCH --job-name=omni-recover
 #SBATCH --nodes=1

@@ -8,7 +8,7 @@
 # [$OMNI_OUT/data], OMNI_CONFIG [configs/rehearse.yaml], OMNI_PARTITION, OMNI_ACCOUNT, OMNI_QOS [cluster
 # defaults], OMNI_NODES [1], OMNI_GPUS_PER_NODE [8], OMNI_CPUS_PER_TASK [8], OMNI_MEM [0], OMNI_TIME
 # [24:00:00], OMNI_STRATEGY [with several tasks ddp_find_unused_parameters_true: a step of one modality leaves
-# other parts' LoRA unused; fsdp for models that do not fit one device], OMNI_WANDB [1].
+# other parts' LoRA unused], OMNI_WANDB [1].
 # Reads $OMNI_OUT/recovered, writes $OMNI_OUT/final. Preemption: see slurm/common.sh.
 #SBATCH --job-name=omni-rehearse
 #SBATCH --nodes=1

@@ -11,10 +11,10 @@
 # Settings (environment) and their defaults: slurm/common.sh — OMNI_OUT [runs/demo], OMNI_BASE
 # [$OMNI_OUT/base], OMNI_DATA [$OMNI_OUT/data], OMNI_CONFIG_DIR [configs/specialist], OMNI_PARTITION,
 # OMNI_ACCOUNT, OMNI_QOS [cluster defaults], OMNI_NODES [1], OMNI_GPUS_PER_NODE [8], OMNI_CPUS_PER_TASK [8],
-# OMNI_MEM [0: whole node], OMNI_TIME [24:00:00], OMNI_STRATEGY [DDP; e.g. fsdp], OMNI_WANDB [1].
+# OMNI_MEM [0: whole node], OMNI_TIME [24:00:00], OMNI_STRATEGY [DDP], OMNI_WANDB [1].
 # Writes $OMNI_OUT/specialists/<modality>/ (a dense model directory).
 # Multi-node DDP by default (one task per GPU, --trainer.devices/num_nodes from SLURM_NTASKS_PER_NODE/SLURM_NNODES);
-# FSDP: OMNI_STRATEGY=fsdp or --trainer.strategy fsdp. Preemption: see slurm/common.sh.
+# Another strategy: OMNI_STRATEGY or --trainer.strategy. Preemption: see slurm/common.sh.
 #SBATCH --job-name=omni-specialist
 #SBATCH --array=0-3
 #SBATCH --nodes=1

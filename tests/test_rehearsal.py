@@ -208,3 +208,4 @@ def test_sparsest_steps_and_idle_parts(tiny_model_dir):
     emb = RehearsalModule(model=str(tiny_model_dir)).embedder  # LoRA on the language model and vision encoder
     assert emb.idle_parts({"audio"}) == ["vision_encoder"] and emb.idle_parts({"image"}) == []
     assert emb.idle_parts({"audio", "video"}) == []
+

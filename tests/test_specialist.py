@@ -125,3 +125,15 @@ def test_specialist_ddp_two_cpu_processes(tiny_model_dir, demo_root, tmp_path):
                        timeout=400, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert OmniConfig.load(out).history[-1]["global_step"] == 3
+
+
+def test_sharded_strategies_are_refused_when_the_fit_exports():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from omni_lightning.modules.base import check_export_strategy
+
+    with pytest.raises(ValueError, match="FSDPStrategy: the export to out needs the full, unsharded weights"):
+        check_export_strategy(FSDPStrategy(), "out")
+    check_export_strategy(FSDPStrategy(), None)  # no export: nothing to refuse
+    check_export_strategy(DDPStrategy(), "out")
+    check_export_strategy(SingleDeviceStrategy("cpu"), "out")

@@ -174,6 +174,7 @@ class OmniModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        check_export_strategy(self.trainer.strategy, self.export_dir)
         _check_ddp_idle_parts(self)
 
     # ------------------------------------------------------------------ forward
@@ -289,6 +290,20 @@ def _part_of(name: str) -> str:
         if name.startswith(prefix):
             return part
     return "other"
+
+
+def check_export_strategy(strategy: Any, export_dir: str | None) -> None:
+    """Refuse, before the first step, a sharded strategy when the fit ends in an export: rank 0 writes the model
+    directory from its own parameters, which under FSDP / DeepSpeed / model parallelism are shards (merging LoRA
+    into them would write a broken model after the whole run). Untested without GPUs, so not offered."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if export_dir and isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"--trainer.strategy {type(strategy).__name__}: the export to {export_dir} needs the full, unsharded "
+            "weights on rank 0, which omni-lightning does not gather yet. Train with DDP (the default with several "
+            "devices; LoRA keeps the optimizer state small), or drop model.init_args.export_dir and export the "
+            "checkpoint yourself")
 
 
 def _check_ddp_idle_parts(module: OmniModule) -> None:
