@@ -253,6 +253,11 @@ class OmniDataModule(LightningDataModule):
                 check_shards(d, n=1)
             self._val = EvalStream(val_dirs, collator, self.batch_size, self.val_batches)
 
+    @property
+    def schedule(self) -> BalancedSchedule | None:
+        """The training schedule (which modalities each step holds), once ``setup("fit")`` has run."""
+        return None if self._train is None else self._train.schedule
+
     def _loader(self, ds: IterableDataset) -> DataLoader:
         return _StreamLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
 

@@ -315,8 +315,7 @@ def _check_ddp_idle_parts(module: OmniModule) -> None:
     strategy = module.trainer.strategy
     if not isinstance(strategy, DDPStrategy) or getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
         return
-    train = getattr(module.trainer.datamodule, "_train", None)
-    schedule = getattr(train, "schedule", None)
+    schedule = getattr(module.trainer.datamodule, "schedule", None)  # an OmniDataModule's, after setup("fit")
     if schedule is None:
         return
     idle = {", ".join(sorted(step)): module.embedder.idle_parts(step) for step in schedule.sparsest_steps()}
