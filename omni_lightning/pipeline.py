@@ -8,8 +8,8 @@ Stages, in order (each writes one output under ``OUT``)::
     data          the demo corpus (or the given shards)           OUT/data
     specialist-M  one per modality M, from θ₀                      OUT/specialists/M
     fuse          task arithmetic + diagnostics                    OUT/fused
-    recover       projector recovery                               OUT/recovered
-    rehearse      balanced multi-modal rehearsal                   OUT/final
+    recover       projector recovery                               OUT/recovered   (recover: null skips it)
+    rehearse      balanced multi-modal rehearsal                   OUT/final       (rehearse: null skips it)
     sweep-…       control: fusion with other coefficients          OUT/sweep/<α overrides>
     eval          every model on every modality                    OUT/eval/<model>.json
     report        report.md, report.json, report.png               OUT/
@@ -101,8 +101,8 @@ class PipelineConfig:
     data: DataSettings = field(default_factory=DataSettings)
     specialists: dict[str, str] = field(default_factory=lambda: {m: f"specialist/{m}.yaml" for m in SPECIALISTS})
     fuse: FuseSettings = field(default_factory=FuseSettings)
-    recover: str = "recover.yaml"
-    rehearse: str | None = "rehearse.yaml"
+    recover: str | None = "recover.yaml"  # null: no projector recovery (e.g. no audio specialist)
+    rehearse: str | None = "rehearse.yaml"  # null: no rehearsal
     eval: EvalSettings = field(default_factory=EvalSettings)
     budget: Budget = field(default_factory=Budget)
 
@@ -198,7 +198,8 @@ class Pipeline:
         rows = {"base": self.base_dir}
         rows.update({f"{m} specialist": self.out / "specialists" / m for m in self.cfg.specialists})
         rows["fused"] = self.out / "fused"
-        rows["recovered"] = self.out / "recovered"
+        if self.cfg.recover:
+            rows["recovered"] = self.out / "recovered"
         if self.cfg.rehearse:
             rows["final (rehearsed)"] = self.out / "final"
         return rows
@@ -262,9 +263,12 @@ class Pipeline:
         for m, conf in cfg.specialists.items():
             stages.append(self._fit(conf, self.base_dir, out / "specialists" / m, self.data_root, f"specialist-{m}"))
         stages.append(self._fuse_stage("fuse", out / "fused", cfg.fuse.alpha))
-        stages.append(self._fit(cfg.recover, out / "fused", out / "recovered", self.data_root, "recover"))
-        if cfg.rehearse:
-            stages.append(self._fit(cfg.rehearse, out / "recovered", out / "final", self.data_root, "rehearse"))
+        start = out / "fused"
+        if cfg.recover:
+            stages.append(self._fit(cfg.recover, start, out / "recovered", self.data_root, "recover"))
+            start = out / "recovered"
+        if cfg.rehearse:  # from the recovered model, or straight from the fused one when recovery is skipped
+            stages.append(self._fit(cfg.rehearse, start, out / "final", self.data_root, "rehearse"))
         for override in cfg.fuse.sweep:
             unknown = set(override) - set(cfg.fuse.alpha)
             if unknown:

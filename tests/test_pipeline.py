@@ -117,3 +117,29 @@ def test_failing_stage_stops_and_keeps_finished_stages(mini, tmp_path, capsys):
 def test_unknown_force_stage_is_an_error(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--force", "fusion"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_pipeline_without_recovery_rehearses_the_fused_model(tmp_path):
+    """`recover: null` (e.g. a vision-only recipe, no audio specialist): no recover stage and no recovered row;
+    rehearsal starts from the fused model and the report checks it against the fused numbers."""
+    from omni_lightning.model.config import OmniConfig
+
+    out = tmp_path / "run"
+    args = mini_args(out) + ["--recover", "null", "--specialists", "{image: specialist/image.yaml, video: "
+                             "specialist/video.yaml}", "--fuse.alpha", "{image: 0.3, video: 0.3}",
+                             "--fuse.sweep", "[]", "--eval.modalities", "[image, video, text]"]
+    assert main(args) == 0
+    cfg, _ = load_pipeline_config(args)
+    pipe = Pipeline(cfg)
+    assert [s.name for s in pipe.stages][-3:] == ["specialist-video", "fuse", "rehearse"]
+    assert not (out / "recovered").exists()
+    assert OmniConfig.load(out / "final").history[-1]["from"] == str(out / "fused")
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["results"]) == ["base", "image specialist", "video specialist", "fused", "final (rehearsed)"]
+    assert report["backbone_after_recovery"] is None and report["drift"] == {}
+    (check,) = [c for c in report["pattern"] if c["check"].startswith("rehearsal keeps")]
+    assert check["check"].endswith("its fused value")
+    worst = min(report["results"]["final (rehearsed)"][m]["q2c_r1"] - report["results"]["fused"][m]["q2c_r1"]
+                for m in ("image", "video"))
+    assert f"{worst:+.3f}" in check["measured"]
+    assert not any("recovery" in c["check"] for c in report["pattern"])
