@@ -361,7 +361,7 @@ class Pipeline:
             from omni_lightning.report import write_report
 
             results = self.evaluate()
-            report = write_report(self, results)
+            report = write_report(self, results, self.drift())
         except Exception as e:
             raise PipelineError(f"stage 'eval/report' failed: {type(e).__name__}: {e}") from e
         self.timings["eval+report"] = time.perf_counter() - t
@@ -378,24 +378,17 @@ class Pipeline:
         models.update({sweep_label(o): self.out / "sweep" / sweep_tag(o) for o in self.cfg.fuse.sweep})
         results = {}
         for name, d in models.items():
-            cache = self.out / "eval" / (re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") + ".json")
-            key = {"model": fingerprint(d), "settings": settings}
-            if cache.is_file() and not ({"eval", "all"} & self.force):
-                cached = json.loads(cache.read_text())
-                if cached.get("key") == key:
-                    results[name] = cached["results"]
-                    continue
-            print(f"[eval] {name} ({d})", flush=True)
             mods = [m for m in e.modalities if m != "text"] if name.startswith("sweep") else e.modalities
-            res = evaluate_model(d, self.data_root, modalities=mods, batch_size=e.batch_size, progress=True,
-                                 max_samples=e.max_samples, pool_size=e.pool_size)
-            atomic_write_text(cache, json.dumps({"key": key, "model": str(d), "results": res}, indent=2))
-            results[name] = res
+            results[name] = self._cached(
+                re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_"), {"model": fingerprint(d), "settings": settings},
+                f"{name} ({d})", lambda d=d, mods=mods: evaluate_model(
+                    d, self.data_root, modalities=mods, batch_size=e.batch_size, progress=True,
+                    max_samples=e.max_samples, pool_size=e.pool_size))
         return results
 
     def drift(self) -> dict[str, dict[str, float]]:
-        """The drift table: audio–text eval pairs through each audio-carrying model, against the audio specialist.
-        Cached in ``OUT/eval/drift.json`` under the models' fingerprints, like :meth:`evaluate`."""
+        """The drift table: audio–text eval pairs through each audio-carrying model, against the audio specialist
+        (cached like :meth:`evaluate`)."""
         from omni_lightning.report import DRIFT_MODELS, drift_rows
 
         reference = self.out / "specialists" / "audio"
@@ -404,15 +397,20 @@ class Pipeline:
         models = {n: d for n, d in self.models().items() if n in DRIFT_MODELS and d.is_dir()}
         key = {"reference": fingerprint(reference), "models": {n: fingerprint(d) for n, d in models.items()},
                "data": fingerprint(self.data_root / "audio")}
-        cache = self.out / "eval" / "drift.json"
+        return self._cached("drift", key, "projector drift", lambda: drift_rows(models, self.data_root, reference))
+
+    def _cached(self, name: str, key: dict[str, Any], what: str, compute: Callable[[], Any]) -> Any:
+        """``OUT/eval/<name>.json`` when it was computed from the same ``key`` (fingerprints of the models, data and
+        settings) and ``--force eval`` is off; otherwise ``compute()``, written there atomically."""
+        cache = self.out / "eval" / f"{name}.json"
         if cache.is_file() and not ({"eval", "all"} & self.force):
             cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["rows"]
-        print("[eval] projector drift", flush=True)
-        rows = drift_rows(models, self.data_root, reference)
-        atomic_write_text(cache, json.dumps({"key": key, "rows": rows}, indent=2))
-        return rows
+            if cached.get("key") == key and "value" in cached:  # (files of older versions are recomputed)
+                return cached["value"]
+        print(f"[eval] {what}", flush=True)
+        value = compute()
+        atomic_write_text(cache, json.dumps({"key": key, "value": value}, indent=2))
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- entry points

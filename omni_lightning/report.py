@@ -36,19 +36,20 @@ def pattern_checks(results: dict[str, dict], modalities: list[str], backbone_ide
     """The recipe's expected pattern on the eval split, each with the measured numbers and a verdict."""
     checks = []
     vision = [m for m in modalities if m != "audio"]
+    paths = {m: own_path(results, m) for m in modalities + ["audio"]}
     for m in modalities:
-        p = own_path(results, m)
+        p = paths[m]
         if p["base"] is not None and p["specialist"] is not None:
             checks.append({"check": f"{m} specialist beats the base by ≥ 0.2 R@1",
                            "measured": f"{p['base']:.3f} → {p['specialist']:.3f}",
                            "ok": p["specialist"] - p["base"] >= 0.2})
     for m in vision:
-        p = own_path(results, m)
+        p = paths[m]
         if None not in (p["base"], p["specialist"], p["fused"]) and p["specialist"] > p["base"]:
             kept = (p["fused"] - p["base"]) / (p["specialist"] - p["base"])
             checks.append({"check": f"fusion keeps most (≥ 50 %) of the {m} specialist's gain",
                            "measured": f"fused {p['fused']:.3f}: {100 * kept:.0f} % of the gain", "ok": kept >= 0.5})
-    a = own_path(results, "audio")
+    a = paths["audio"]
     if None not in (a["specialist"], a["fused"]):
         checks.append({"check": "Projector Drift: fused audio ≥ 0.2 R@1 below the audio specialist",
                        "measured": f"{a['specialist']:.3f} → {a['fused']:.3f} ({a['fused'] - a['specialist']:+.3f})",
@@ -64,8 +65,8 @@ def pattern_checks(results: dict[str, dict], modalities: list[str], backbone_ide
                        "measured": f"metrics equal: {all(same)}; backbone bit-identical: {backbone_identical}",
                        "ok": all(same) and backbone_identical is not False})
     start = "recovered" if "recovered" in results else "fused"  # the model rehearsal started from
-    changes = [(own_path(results, m)["final (rehearsed)"] - own_path(results, m)[start], m) for m in modalities
-               if None not in (own_path(results, m)["final (rehearsed)"], own_path(results, m)[start])]
+    changes = [(paths[m]["final (rehearsed)"] - paths[m][start], m) for m in modalities
+               if None not in (paths[m]["final (rehearsed)"], paths[m][start])]
     if changes:
         worst = min(changes)
         checks.append({"check": f"rehearsal keeps every modality at or near (within 0.05) its {start} value",
@@ -170,8 +171,9 @@ def _table(results: dict[str, dict], modalities: list[str], metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(pipe, results: dict[str, dict]) -> dict[str, Any]:
-    """Write ``report.md``, ``report.json`` and ``report.png`` under the pipeline's output folder."""
+def write_report(pipe, results: dict[str, dict], drift: dict[str, dict]) -> dict[str, Any]:
+    """Write ``report.md``, ``report.json`` and ``report.png`` under the pipeline's output folder, from the eval
+    ``results`` and the ``drift`` table (:func:`drift_rows`) the pipeline computed."""
     out: Path = pipe.out
     mods = [m for m in pipe.cfg.eval.modalities if any(m in r for r in results.values())]
     recipe_mods = [m for m in mods if m != "text"]
@@ -182,7 +184,6 @@ def write_report(pipe, results: dict[str, dict]) -> dict[str, Any]:
     recovered = pipe.models().get("recovered")
     if recovered is not None and (out / "fused").is_dir() and recovered.is_dir():
         ident = backbone_identical(out / "fused", recovered)
-    drift = pipe.drift() if "audio" in mods else {}
     diag_path = out / "fused" / "diagnostics.json"
     diag = json.loads(diag_path.read_text()) if diag_path.is_file() else None
     checks = pattern_checks(main_rows, recipe_mods, None if ident is None else ident["identical"])

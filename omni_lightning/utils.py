@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 
 
+@functools.cache
 def readable_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    """The mode a plain ``open()`` would give a new file (0o666 less the umask); mkstemp's is 0o600. Read once:
+    the umask can only be read by setting it, which for an instant applies 0 to files other threads create."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask

@@ -127,9 +127,12 @@ def test_specialist_ddp_two_cpu_processes(tiny_model_dir, demo_root, tmp_path):
     assert OmniConfig.load(out).history[-1]["global_step"] == 3
 
 
-def test_sharded_strategies_are_refused_when_the_fit_exports():
+def test_sharded_strategies_are_refused_when_the_fit_exports(tiny_model_dir):
+    from types import SimpleNamespace
+
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
+    from omni_lightning.modules import SpecialistModule
     from omni_lightning.modules.base import check_export_strategy
 
     with pytest.raises(ValueError, match="FSDPStrategy: the export to out needs the full, unsharded weights"):
@@ -137,3 +140,10 @@ def test_sharded_strategies_are_refused_when_the_fit_exports():
     check_export_strategy(FSDPStrategy(), None)  # no export: nothing to refuse
     check_export_strategy(DDPStrategy(), "out")
     check_export_strategy(SingleDeviceStrategy("cpu"), "out")
+    # every phase runs the check when fit starts (Lightning cannot build FSDP on a CPU: a stand-in trainer)
+    module = SpecialistModule(modality="image", model=str(tiny_model_dir), export_dir="out", train_parts=["projector"])
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None)
+    with pytest.raises(ValueError, match="FSDPStrategy: the export to out"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), datamodule=None)
+    module.on_fit_start()

@@ -102,20 +102,13 @@ class OmniEmbedder(nn.Module):
         """Whether a forward of ``batch`` touches any parameter that requires grad."""
         if _trainable(self.backbone.language_model) or _trainable(self.backbone.get_input_embeddings()):
             return True
-        if ("pixel_values" in batch or "pixel_values_videos" in batch) and _trainable(self.backbone.visual):
-            return True
-        return "audio_features" in batch and (_trainable(self.audio_encoder) or _trainable(self.projector))
+        present = {m for key, m in _INPUT_MODALITY.items() if key in batch}
+        return any(ms & present and _trainable(self.part(p)) for p, ms in _PART_MODALITIES.items())
 
     def idle_parts(self, modalities: set[str] | frozenset[str]) -> list[str]:
-        """Trainable parts that a batch of only these modalities leaves without a gradient (what ``_reaches_trainable``
-        decides per batch; queries are text, so the language model is always reached)."""
-        idle = []
-        if not {"image", "video", "document"} & set(modalities) and _trainable(self.backbone.visual):
-            idle.append("vision_encoder")
-        if "audio" not in modalities:
-            idle += [name for name, mod in (("audio_encoder", self.audio_encoder), ("projector", self.projector))
-                     if _trainable(mod)]
-        return idle
+        """Trainable parts that a step holding only these modalities leaves without a gradient (the language model
+        is always reached: queries are text)."""
+        return [p for p, ms in _PART_MODALITIES.items() if not ms & set(modalities) and _trainable(self.part(p))]
 
     def _position_ids(self, batch: dict[str, Tensor]) -> Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -241,6 +234,13 @@ class OmniEmbedder(nn.Module):
         if device is not None:
             model = model.to(device)
         return model
+
+
+# The parts beyond the language model, and the modalities whose inputs reach them; the model-input key that
+# carries each modality's media (document pages travel as images).
+_PART_MODALITIES = {"vision_encoder": frozenset({"image", "video", "document"}), "audio_encoder": frozenset({"audio"}),
+                    "projector": frozenset({"audio"})}
+_INPUT_MODALITY = {"pixel_values": "image", "pixel_values_videos": "video", "audio_features": "audio"}
 
 
 def _trainable(module: nn.Module) -> bool:
