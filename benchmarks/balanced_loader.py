@@ -127,7 +127,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     root = args.data
     if root is None:
-        from omni_lightning.data.demo import make_demo_data
+        from omni_lightning.demo import make_demo_data
 
         root = str(Path(tmp.name) / "data")
         make_demo_data(root, n_train=1200, n_eval=0, progress=True)  # the demo defaults: 3 shards of 400

@@ -120,7 +120,7 @@ def first_shard_only(src: Path, dst: Path) -> None:
 # runs `omni-lightning fuse ARGS` and prints the process's peak resident set (VmHWM) when it is done
 FUSE_AND_REPORT = (
     "import sys\n"
-    "from omni_lightning.cli import main\n"
+    "from omni_lightning.app.cli import main\n"
     "rc = main(sys.argv[1:])\n"
     "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
     "print('VMHWM_KB', hwm)\n"

@@ -93,9 +93,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from omni_lightning.model.build import init_model
+            from omni_lightning.demo import init_demo_model
 
-            model_dir = str(init_model(Path(tmp) / args.preset, preset=args.preset))
+            model_dir = str(init_demo_model(Path(tmp) / args.preset, preset=args.preset))
         res = {}
         for name, batch, chunk in CONFIGS:
             out = subprocess.run(

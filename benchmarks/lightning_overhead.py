@@ -51,11 +51,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     model_dir, data = args.model, args.data
     if model_dir is None:
-        from omni_lightning.model.build import init_model
+        from omni_lightning.demo import init_demo_model
 
-        model_dir = str(init_model(Path(tmp.name) / "tiny"))
+        model_dir = str(init_demo_model(Path(tmp.name) / "tiny"))
     if data is None:
-        from omni_lightning.data.demo import make_demo_data
+        from omni_lightning.demo import make_demo_data
 
         data = str(Path(tmp.name) / "data")
         make_demo_data(data, modalities=[args.modality], n_train=args.batch_size * 4, n_eval=args.batch_size)

@@ -35,16 +35,16 @@ def main() -> None:
 
     from omni_lightning.callbacks import FreezeBackbone
     from omni_lightning.data.datamodule import Collator
-    from omni_lightning.data.demo import make_demo_data
+    from omni_lightning.demo import make_demo_data
     from omni_lightning.data.shards import iter_samples, split_dir
     from omni_lightning.modules import LoraSettings, LossSettings, RecoveryModule, SpecialistModule
 
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model
     if model_dir is None:
-        from omni_lightning.model.build import init_model
+        from omni_lightning.demo import init_demo_model
 
-        model_dir = str(init_model(Path(tmp.name) / args.preset, preset=args.preset))
+        model_dir = str(init_demo_model(Path(tmp.name) / args.preset, preset=args.preset))
     data = Path(tmp.name) / "data"
     make_demo_data(data, modalities=["audio"], n_train=args.batch_size, n_eval=args.batch_size)
     samples = [s for _, s in zip(range(args.batch_size), iter_samples(str(split_dir(data, "audio", "train"))))]

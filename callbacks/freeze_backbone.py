@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 
 from omni_lightning.model.config import expand_parts
+from omni_lightning.tracking.catalogue import trainable_params
 
 
 class FreezeBackbone(BaseFinetuning):
@@ -91,4 +92,4 @@ class FreezeBackbone(BaseFinetuning):
         super().on_train_epoch_start(trainer, pl_module)
         phase = getattr(pl_module, "phase", "train")
         for part, c in self.counts.items():
-            pl_module.log(f"{phase}/params/trainable/{part}", float(c["trainable"]), on_step=False, on_epoch=True)
+            pl_module.log(trainable_params(phase, part), float(c["trainable"]), on_step=False, on_epoch=True)

@@ -13,7 +13,10 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from omni_lightning.evaluation import METRICS, evaluate_samples, load_split
+from omni_lightning.data.shards import split_dir
+from omni_lightning.evaluation.retrieval import METRICS, evaluate_samples, load_split
+from omni_lightning.model.processor import OmniProcessor
+from omni_lightning.tracking.catalogue import eval_metric
 
 
 class RetrievalEval(Callback):
@@ -42,8 +45,6 @@ class RetrievalEval(Callback):
         self.history: list[dict[str, Any]] = []
 
     def _load(self, trainer: Trainer) -> dict[str, list[dict]]:
-        from omni_lightning.data.shards import split_dir
-
         dm = trainer.datamodule
         root = self.data_root or getattr(dm, "data_root", None)
         mods = self.modalities or list(getattr(dm, "modalities", []) or [])
@@ -52,8 +53,6 @@ class RetrievalEval(Callback):
         return {m: load_split(split_dir(root, m, self.split), self.max_samples) for m in mods}
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, dict[str, float]]:
-        from omni_lightning.model.processor import OmniProcessor
-
         if self._samples is None:
             self._samples = self._load(trainer)
         if self._processor is None:
@@ -66,8 +65,6 @@ class RetrievalEval(Callback):
 
     @staticmethod
     def _metrics(phase: str, results: dict[str, dict[str, float]]) -> dict[str, float]:
-        from omni_lightning.tracking import eval_metric  # the one place metric names are spelled
-
         return {eval_metric(phase, k, m): float(v) for m, r in results.items() for k, v in r.items() if k in METRICS}
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from omni_lightning.tracking import samples_per_sec
+from omni_lightning.tracking.catalogue import samples_per_sec
 
 
 def batch_size_of(batch: Any) -> int:

@@ -1,5 +1,5 @@
 import sys
 
-from omni_lightning.cli import main
+from omni_lightning.app.cli import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from omni_lightning.tracking import project_name, run_id, wandb_mode
+from omni_lightning.tracking.runs import project_name, run_id, wandb_mode
 
 
 class OmniWandbLogger(WandbLogger):

@@ -83,7 +83,7 @@ omni_defaults() {
     if [[ -x "${venv}/omni-lightning" ]]; then OMNI_BIN="${venv}/omni-lightning"; else OMNI_BIN=omni-lightning; fi
   fi
   export OMNI_BIN
-  # the Python of the same installation (for `python -m omni_lightning.tracking`)
+  # the Python of the same installation (for `python -m omni_lightning jobs`)
   OMNI_PYTHON="${OMNI_PYTHON:-${PYTHON:-}}"
   if [[ -z "${OMNI_PYTHON}" ]]; then
     if [[ -x "${venv}/python" ]]; then OMNI_PYTHON="${venv}/python"; else OMNI_PYTHON=python3; fi

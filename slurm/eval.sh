@@ -40,8 +40,8 @@ else
 fi
 [[ ${#models[@]} -gt 0 ]] || omni_die "no model to evaluate under ${OMNI_OUT} (set OMNI_EVAL_MODELS)"
 [[ -d "${OMNI_DATA}" ]] || omni_die "OMNI_DATA=${OMNI_DATA} does not exist: point it at a dataset root"
-wandb=(--wandb-dir "${OMNI_OUT}/logs/eval" --examples "${OMNI_EVAL_EXAMPLES:-8}")
-if [[ "${OMNI_WANDB}" != 1 ]]; then wandb=(--no-wandb); fi
+wandb=(--wandb_dir "${OMNI_OUT}/logs/eval" --examples "${OMNI_EVAL_EXAMPLES:-8}")
+if [[ "${OMNI_WANDB}" != 1 ]]; then wandb=(--wandb false); fi
 echo "omni-eval: ${#models[@]} model(s) on ${OMNI_DATA}"
-srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning.tracking eval --data "${OMNI_DATA}" \
-  --out "${OMNI_OUT}/eval" "${wandb[@]}" "${models[@]}" -- --no-progress "$@"
+srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning jobs eval --data "${OMNI_DATA}" \
+  --out "${OMNI_OUT}/eval" "${wandb[@]}" --progress false --models "${models[@]}" "$@"

@@ -39,14 +39,14 @@ CONFIG="${OMNI_CONFIG:-${FUSE_CONFIG:-${OMNI_REPO}/configs/fuse.yaml}}"
 [[ -f "${CONFIG}" ]] || omni_die "config ${CONFIG} not found (set OMNI_CONFIG)"
 CPUS="${SLURM_CPUS_PER_TASK:-2}"
 IO_THREADS="${OMNI_FUSE_IO_THREADS:-$(( CPUS > 8 ? 8 : CPUS ))}"
-args=(--config "${CONFIG}" --no-progress --set "io_threads=${IO_THREADS}"
+args=(--config "${CONFIG}" --progress false --io_threads "${IO_THREADS}"
   --base "${OMNI_BASE}" --specialists "${OMNI_OUT}/specialists/"{image,video,document,audio}
   --out "${OMNI_OUT}/fused")
 echo "omni-fuse: config ${CONFIG}, ${IO_THREADS} I/O threads"
 # flags given to this script come last, so they override the config and the defaults above
 if [[ "${OMNI_WANDB}" == 1 ]]; then
-  srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning.tracking fuse \
-    --wandb-dir "${OMNI_OUT}/logs/fuse" "${args[@]}" "$@"
+  srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning jobs fuse \
+    --wandb_dir "${OMNI_OUT}/logs/fuse" "${args[@]}" "$@"
 else
   srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning fuse "${args[@]}" "$@"
 fi

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tarfile
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -16,14 +18,14 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from omni_lightning.model.build import init_model
+    from omni_lightning.demo import init_demo_model
 
-    return init_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+    return init_demo_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    from omni_lightning.data.demo import make_demo_data
+    from omni_lightning.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("demo-data")
     make_demo_data(root, seed=0, n_train=96, n_eval=48, max_per_shard=48)
@@ -97,3 +99,13 @@ def assert_lora_export_equals_wrapped(module, model_dir, out_dir) -> None:
     with torch.no_grad():
         merged = OmniEmbedder.from_pretrained(out).eval()(batch)
     torch.testing.assert_close(merged, wrapped, atol=1e-5, rtol=1e-4)
+
+
+def corrupt_member(tar_path: Path, member: str) -> None:
+    """Overwrite one tar member's bytes in place (the shard stays a valid tar; the member fails to decode)."""
+    with tarfile.open(tar_path) as tf:
+        ti = tf.getmember(member)
+        offset, size = ti.offset_data, ti.size
+    with open(tar_path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes((b * 7 + 13) % 256 for b in range(size)))

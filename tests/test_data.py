@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import webdataset as wds
+from conftest import corrupt_member
 from PIL import Image
 
-import webdataset as wds
-from omni_lightning.data.demo import DEMO_INSTRUCTIONS, demo_captions, demo_vocabulary, make_demo_data
 from omni_lightning.data.schema import (
     MODALITIES,
     SchemaError,
@@ -32,6 +32,12 @@ from omni_lightning.data.shards import (
     read_index,
     shard_manifest,
     write_shards,
+)
+from omni_lightning.demo import (
+    DEMO_INSTRUCTIONS,
+    demo_captions,
+    demo_vocabulary,
+    make_demo_data,
 )
 
 SHARD = "/data/x/shard-000003.tar"
@@ -278,20 +284,11 @@ def test_read_index_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _corrupt_member(tar_path: Path, member: str) -> None:
-    with tarfile.open(tar_path) as tf:
-        ti = tf.getmember(member)
-        offset, size = ti.offset_data, ti.size
-    with open(tar_path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes((b * 7 + 13) % 256 for b in range(size)))
-
-
 def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
     samples = _small_image_samples(6)
     write_shards(samples, tmp_path, "image", "train", max_per_shard=3)
     d = tmp_path / "image" / "train"
-    _corrupt_member(d / "shard-000000.tar", "00000001.pos.png")
+    corrupt_member(d / "shard-000000.tar", "00000001.pos.png")
     counter = SkipCounter()
     with caplog.at_level("WARNING"):
         out = list(iter_samples(d, handler_skips=counter))
@@ -327,7 +324,7 @@ def test_consecutive_skip_guard(tmp_path):
     write_shards(_small_image_samples(5), tmp_path, "image", "train")
     tar = tmp_path / "image" / "train" / "shard-000000.tar"
     for i in range(5):
-        _corrupt_member(tar, f"{i:08d}.json")
+        corrupt_member(tar, f"{i:08d}.json")
     with pytest.raises(SchemaError, match="consecutive"):
         list(iter_samples(tar, max_consecutive_skips=3))
     assert list(iter_samples(str(tar), max_consecutive_skips=0)) == []

@@ -182,7 +182,7 @@ def test_evaluate_samples_on_tiny_model(tiny, demo_root):
 
 
 def test_eval_cli_writes_json(tiny_model_dir, demo_root, tmp_path, capsys):
-    from omni_lightning.cli import main
+    from omni_lightning.app.cli import main
 
     out = tmp_path / "res.json"
     rc = main(["eval", "--model", str(tiny_model_dir), "--data", str(demo_root), "--modalities", "audio", "text",
@@ -198,12 +198,12 @@ def test_eval_cli_writes_json(tiny_model_dir, demo_root, tmp_path, capsys):
 
 def test_retrieval_eval_callback_logs_what_evaluation_computes(tiny_model_dir, demo_root, tmp_path):
     from conftest import fit_args
-
     from omni_lightning.callbacks import RetrievalEval
-    from omni_lightning.cli import lightning_cli
+
+    from omni_lightning.app.fit import lightning_cli
+    from omni_lightning.app.pipeline import config_path
     from omni_lightning.data.shards import split_dir
     from omni_lightning.model.processor import OmniProcessor
-    from omni_lightning.pipeline import config_path
 
     args = fit_args(config_path("specialist/image.yaml"), tiny_model_dir, demo_root, tmp_path / "out",
                     ["--model.init_args.export_dir", "null", "--trainer.max_epochs", "2"])

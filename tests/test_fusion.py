@@ -1,4 +1,4 @@
-"""Decoupled Specialist Fusion (omni_lightning/fusion.py, `omni-lightning fuse`, slurm/fuse.sh).
+"""Decoupled Specialist Fusion (omni_lightning/fusion/, `omni-lightning fuse`, slurm/fuse.sh).
 
 Every merge method is checked against a brute-force reference written independently here (float64 numpy,
 Python sorts for TIES, a re-implementation of the documented DARE seeding), on small random checkpoints that
@@ -26,7 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from omni_lightning import fusion
-from omni_lightning.fusion import FuseConfig, FusionError, dare_keep_mask, fuse, load_config
+from omni_lightning.fusion import (
+    FuseConfig,
+    FusionError,
+    dare_keep_mask,
+    fuse,
+    load_config,
+)
+from omni_lightning.fusion.writer import ShardedWriter
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fuse.yaml"
@@ -509,7 +516,7 @@ def test_existing_destination_needs_overwrite(ckpts, tmp_path):
 def test_interrupted_run_leaves_nothing(ckpts, tmp_path, monkeypatch):
     b, dirs, base, specs = ckpts
     calls = {"n": 0}
-    real = fusion.ShardedWriter.write
+    real = ShardedWriter.write
 
     def flaky(self, data, **kw):
         calls["n"] += 1
@@ -517,17 +524,17 @@ def test_interrupted_run_leaves_nothing(ckpts, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption mid-stream")
         return real(self, data, **kw)
 
-    monkeypatch.setattr(fusion.ShardedWriter, "write", flaky)
+    monkeypatch.setattr(ShardedWriter, "write", flaky)
     before = listing(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run(b, dirs, tmp_path / "out", shard_size=600)
     assert listing(tmp_path) == before
     # an existing output survives an interrupted --overwrite run untouched
-    monkeypatch.setattr(fusion.ShardedWriter, "write", real)
+    monkeypatch.setattr(ShardedWriter, "write", real)
     run(b, dirs, tmp_path / "out")
     first = (tmp_path / "out" / "model.safetensors").read_bytes()
     calls["n"] = 0
-    monkeypatch.setattr(fusion.ShardedWriter, "write", flaky)
+    monkeypatch.setattr(ShardedWriter, "write", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(b, dirs, tmp_path / "out", overwrite=True, method="ties")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
@@ -537,7 +544,7 @@ def test_interrupted_run_leaves_nothing(ckpts, tmp_path, monkeypatch):
 def test_sigterm_mid_stream_cleans_up(ckpts, tmp_path, monkeypatch, capsys):
     """SLURM's time limit sends SIGTERM: the CLI stops, removes its temporary folder, exits 143."""
     b, dirs, base, specs = ckpts
-    real = fusion.ShardedWriter.write
+    real = ShardedWriter.write
     calls = {"n": 0}
 
     def term(self, data, **kw):
@@ -546,10 +553,10 @@ def test_sigterm_mid_stream_cleans_up(ckpts, tmp_path, monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, data, **kw)
 
-    monkeypatch.setattr(fusion.ShardedWriter, "write", term)
+    monkeypatch.setattr(ShardedWriter, "write", term)
     before = listing(tmp_path)
-    rc = fusion.run_cli(None, {"base": str(b), "specialists": [str(d) for d in dirs], "alpha": ALPHA,
-                               "out": str(tmp_path / "out"), "progress": False})
+    rc = fusion.run_cli(FuseConfig(base=str(b), specialists=[str(d) for d in dirs], alpha=ALPHA,
+                                   out=str(tmp_path / "out"), progress=False))
     assert rc == 143 and "nothing was written" in capsys.readouterr().err
     assert listing(tmp_path) == before
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
@@ -568,10 +575,10 @@ SPECIALIST_TRAINING = {  # what the shipped specialist configs train (recorded i
 def demo_layout(tmp_path_factory):
     """runs/demo/{base, specialists/*} as `make demo` lays it out: the tiny base and four specialists whose
     weights moved where their configs train (embedding rows included, so new-token rows differ)."""
-    from omni_lightning.model.build import init_model
+    from omni_lightning.demo import init_demo_model
 
     root = tmp_path_factory.mktemp("demo-layout")
-    base = init_model(root / "runs/demo/base", preset="tiny", seed=0)
+    base = init_demo_model(root / "runs/demo/base", preset="tiny", seed=0)
     state = load_file(str(base / "model.safetensors"))
     prefixes = {"backbone": ("backbone.",), "language_model": ("backbone.language_model.",),
                 "audio_encoder": ("audio_encoder.",), "projector": ("projector.",)}
@@ -607,13 +614,14 @@ def test_shipped_config_parses_with_overrides():
 
 def test_cli_fuses_tiny_omni_that_loads_and_encodes_every_modality(demo_layout, monkeypatch, capsys):
     from conftest import demo_items
-    from omni_lightning.cli import main
+
+    from omni_lightning.app.cli import main
     from omni_lightning.model import OmniEmbedder, OmniProcessor
 
     root, state, specs = demo_layout
     monkeypatch.chdir(root)
     rc = main(["fuse", "--config", str(CONFIG), "--out", "runs/demo/fused-cli", "--no-progress",
-               "--set", "shard_size=1MB", "--alpha", "0.3", "0.3", "0.3", "0.5"])
+               "--shard_size", "1MB", "--alpha", "0.3", "0.3", "0.3", "0.5"])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "cos audio" in printed and "audio_encoder <- audio" in printed
@@ -654,7 +662,7 @@ def test_cli_fuses_tiny_omni_that_loads_and_encodes_every_modality(demo_layout, 
 
 
 def test_cli_diagnose_only_and_errors(demo_layout, monkeypatch, capsys, tmp_path):
-    from omni_lightning.cli import main
+    from omni_lightning.app.cli import main
 
     root, state, specs = demo_layout
     monkeypatch.chdir(root)
@@ -668,7 +676,7 @@ def test_cli_diagnose_only_and_errors(demo_layout, monkeypatch, capsys, tmp_path
     # a bad input through the CLI: exit code 2 and the message on stderr
     rc = main(["fuse", "--config", str(CONFIG), "--alpha", "0.3", "0.5", "--no-progress"])
     assert rc == 2 and "alpha has 2 coefficient(s) for 4 specialist(s)" in capsys.readouterr().err
-    rc = main(["fuse", "--config", str(CONFIG), "--method", "ties", "--density", "0", "--no-progress"])
+    rc = main(["fuse", "--config", str(CONFIG), "--method", "ties", "--ties.density", "0", "--no-progress"])
     assert rc == 2 and "ties.density must be in (0, 1]" in capsys.readouterr().err
 
 
@@ -736,7 +744,7 @@ def test_slurm_script_runs_end_to_end_under_a_stand_in_srun(demo_layout, tmp_pat
     proc = subprocess.run(["bash", str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "job 4242" in proc.stdout and "wrote fused model runs/demo/fused" in proc.stdout
-    assert log.read_text().startswith("srun --ntasks=1") and "--set io_threads=2" in log.read_text()
+    assert log.read_text().startswith("srun --ntasks=1") and "--io_threads 2" in log.read_text()
     assert (out / "diagnostics.json").is_file()
     rec = json.loads((out / "omni_config.json").read_text())["history"][-1]
     assert rec["step"] == "fuse" and rec["coefficients"]["audio"] == 0.5

@@ -20,7 +20,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from omni_lightning.losses import ContrastiveLoss, gather_with_local_grad, grad_cache_step, info_nce
+from omni_lightning.losses import (
+    ContrastiveLoss,
+    gather_with_local_grad,
+    grad_cache_step,
+    info_nce,
+)
 
 DT = torch.float64  # double precision so that tolerances separate round-off from real errors
 

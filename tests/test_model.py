@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import demo_items
+
 from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor, pool
 from omni_lightning.model.audio import audio_token_count, encode_audio
 
@@ -131,10 +131,10 @@ def test_model_dir_describes_parts(tiny_model_dir):
 
 
 def test_tiny_preset_is_deterministic(tmp_path):
-    from omni_lightning.model.build import init_model
+    from omni_lightning.demo import init_demo_model
 
-    a = init_model(tmp_path / "a", seed=0)
-    b = init_model(tmp_path / "b", seed=0)
+    a = init_demo_model(tmp_path / "a", seed=0)
+    b = init_demo_model(tmp_path / "b", seed=0)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
 
@@ -163,11 +163,15 @@ def test_cli_init_model_errors(tmp_path):
 
 def _tiny_hf_checkpoints(tmp_path):
     """A Qwen3-VL conditional-generation checkpoint and a Whisper checkpoint, as the hub lays them out."""
-    from transformers import Qwen3VLForConditionalGeneration, WhisperConfig, WhisperModel
+    from transformers import (
+        Qwen3VLForConditionalGeneration,
+        WhisperConfig,
+        WhisperModel,
+    )
 
-    from omni_lightning.model.build import build_tiny
+    from omni_lightning.model.build import build_preset
 
-    model, processor = build_tiny(seed=1, corpus=["a red digit seven", "three beeps"])
+    model, processor = build_preset("tiny", 1, ["a red digit seven", "three beeps"])
     cfg = model.backbone.config
     cfg.text_config.vocab_size = model.config.base_vocab_size
     torch.manual_seed(0)
@@ -175,9 +179,9 @@ def _tiny_hf_checkpoints(tmp_path):
     vlm_dir = tmp_path / "qwen3vl"
     vlm.save_pretrained(vlm_dir)
     # the hub tokenizer has no audio tokens yet: rebuild one without them
-    from omni_lightning.model.build import train_tiny_tokenizer
-
     from transformers import Qwen3VLProcessor
+
+    from omni_lightning.model.build import train_tiny_tokenizer
 
     tok = train_tiny_tokenizer(["a red digit seven", "three beeps"], 300)
     Qwen3VLProcessor(image_processor=processor.image_processor, tokenizer=tok,
@@ -230,8 +234,12 @@ def test_assemble_rejects_unsupported(tmp_path):
 def test_assemble_from_a_qwen3_omni_checkpoint(tmp_path):
     """The default audio tower comes out of a full Qwen3-Omni checkpoint: only thinker.audio_tower.* is read."""
     from safetensors.torch import save_file
-    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeAudioEncoderConfig
-    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+        Qwen3OmniMoeAudioEncoderConfig,
+    )
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeAudioEncoder,
+    )
 
     from omni_lightning.model.build import TINY, init_model
 

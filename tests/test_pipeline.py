@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from omni_lightning.pipeline import Pipeline, PipelineError, load_pipeline_config, main
+from omni_lightning.app.pipeline import Pipeline, PipelineError, load_pipeline_config
+from omni_lightning.app.pipeline import run_pipeline as main
 
 MODELS = ["base", "image specialist", "video specialist", "document specialist", "audio specialist", "fused",
           "recovered", "final (rehearsed)"]
@@ -15,7 +16,7 @@ COLUMNS = ["image", "video", "document", "audio", "text"]
 
 def mini_args(out) -> list[str]:
     """configs/pipeline.yaml cut down to a few CPU steps per stage and a small corpus."""
-    from omni_lightning.pipeline import config_path
+    from omni_lightning.app.pipeline import config_path
 
     return ["--config", str(config_path("pipeline.yaml")), "--out", str(out),
             "--data.n_train", "48", "--data.n_eval", "24", "--data.pretrain_n_train", "48",
@@ -96,7 +97,7 @@ def test_changed_config_invalidates_stage(mini, tmp_path):
 
 
 def test_failing_stage_stops_and_keeps_finished_stages(mini, tmp_path, capsys):
-    from omni_lightning.pipeline import config_path
+    from omni_lightning.app.pipeline import config_path
 
     bad = tmp_path / "recover-bad.yaml"
     bad.write_text(config_path("recover.yaml").read_text().replace("train_parts: [projector]",

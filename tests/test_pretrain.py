@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omni_lightning.data.demo import (
+from omni_lightning.data.shards import iter_samples
+from omni_lightning.demo.corpus import (
     EVAL_DIGIT_FRACTION,
-    PRETRAIN_INSTRUCTION,
     GLYPH_SIZES,
+    PRETRAIN_INSTRUCTION,
     WORDS,
     _DigitPool,
     demo_samples,
     demo_vocabulary,
     make_demo_data,
 )
-from omni_lightning.data.shards import iter_samples
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,10 @@ def test_pretrain_corpus_errors(tmp_path):
 def test_pretrain_phase_trains_backbone_only(tiny_model_dir, pretrain_root, tmp_path):
     from conftest import fit_args
 
-    from omni_lightning.cli import lightning_cli
+    from omni_lightning.app.fit import lightning_cli
+    from omni_lightning.app.pipeline import config_path
     from omni_lightning.model.config import OmniConfig
     from omni_lightning.model.omni import load_safetensors_dir
-    from omni_lightning.pipeline import config_path
 
     out = tmp_path / "base"
     lightning_cli(fit_args(config_path("pretrain.yaml"), tiny_model_dir, pretrain_root, out))

@@ -11,12 +11,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import fit_args
-from omni_lightning.callbacks import FreezeBackbone, ProjectorDrift, measure_drift
-from omni_lightning.callbacks.projector_drift import load_pairs, sliced_w1
-from omni_lightning.cli import main
+from omni_lightning.callbacks import FreezeBackbone, ProjectorDrift
+
+from omni_lightning.app.cli import main
 from omni_lightning.data.datamodule import OmniDataModule
+from omni_lightning.evaluation.drift import load_pairs, measure_drift, sliced_w1
 from omni_lightning.model import OmniEmbedder, OmniProcessor
 from omni_lightning.model.omni import load_safetensors_dir
 from omni_lightning.modules import LossSettings, RecoveryModule

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_lora_export_equals_wrapped, demo_items, fit_args
-from omni_lightning.cli import main
+
+from omni_lightning.app.cli import main
 from omni_lightning.model import OmniConfig, OmniEmbedder, OmniProcessor
 from omni_lightning.model.omni import load_safetensors_dir
 

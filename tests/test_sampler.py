@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import corrupt_member
 
 from omni_lightning.data.balanced_sampler import (
     BalancedSchedule,
@@ -177,15 +178,6 @@ def test_stream_resume_at_any_offset_is_exact(uneven_root, num_workers, offset, 
     assert [_pairs(b) for b in other] != [_pairs(b) for b in full]
 
 
-def _corrupt_member(tar_path: Path, member: str) -> None:
-    with tarfile.open(tar_path) as tf:
-        ti = tf.getmember(member)
-        offset, size = ti.offset_data, ti.size
-    with open(tar_path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes((b * 7 + 13) % 256 for b in range(size)))
-
-
 def test_corrupt_samples_are_skipped_counted_and_resume_stays_exact(tmp_path):
     root = tmp_path / "data"
     write_shards(_samples("image", 30, 0), root, "image", "train", max_per_shard=10)
@@ -195,7 +187,7 @@ def test_corrupt_samples_are_skipped_counted_and_resume_stays_exact(tmp_path):
         with tarfile.open(shard) as tf:
             keys = sorted({n.split(".")[0] for n in tf.getnames()})
         for k in keys[::3]:  # every third image sample does not decode
-            _corrupt_member(shard, f"{k}.pos.png")
+            corrupt_member(shard, f"{k}.pos.png")
             bad.add(k)
     probs = resolve_weights(["image", "audio"])
     steps, offset = 10, 6

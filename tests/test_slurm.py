@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import fit_args
 from slurm_helpers import assert_logged
+
 from omni_lightning.model.config import OmniConfig
 from omni_lightning.model.omni import load_safetensors_dir
 
@@ -189,8 +189,9 @@ def test_eval_job_evaluates_the_models_present(tiny_model_dir, demo_root, tmp_pa
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     (cmd,) = (tmp_path / "python.log").read_text().splitlines()
-    assert cmd == (f"-m omni_lightning.tracking eval --data {demo_root} --out {out}/eval --wandb-dir {out}/logs/eval "
-                   f"--examples 8 {tiny_model_dir} {out}/specialists/audio {out}/fused -- --no-progress --pool-size 8")
+    assert cmd == (f"-m omni_lightning jobs eval --data {demo_root} --out {out}/eval --wandb_dir {out}/logs/eval "
+                   f"--examples 8 --progress false --models {tiny_model_dir} {out}/specialists/audio {out}/fused "
+                   "--pool-size 8")
     assert "skipping" in proc.stdout and f"{out}/recovered" in proc.stdout
     env.update(OMNI_WANDB="0", OMNI_EVAL_MODELS=str(tmp_path / "missing"))
     proc = subprocess.run(["bash", str(SLURM / "eval.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -221,7 +222,7 @@ def test_rehearse_job_under_ddp_lets_parts_go_unused(tiny_model_dir, demo_root, 
 @pytest.fixture(scope="module")
 def reference_run(tiny_model_dir, demo_root, tmp_path_factory):
     """The uninterrupted specialist fit (in-process, no logger) every preempted run must equal bitwise."""
-    from omni_lightning.cli import main
+    from omni_lightning.app.cli import main
 
     out = tmp_path_factory.mktemp("reference") / "image"
     main(fit_args(REPO / "configs/specialist/image.yaml", tiny_model_dir, demo_root, out))
@@ -273,7 +274,8 @@ def test_preempted_job_is_requeued_and_resumes_bitwise(preempted_specialist_job,
 
 def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metrics(preempted_specialist_job,
                                                                                  demo_root, monkeypatch):
-    from omni_lightning.tracking import STEP_KEY, main as tracking_main, offline_runs
+    from omni_lightning.app.cli import main
+    from omni_lightning.tracking import STEP_KEY, offline_runs
 
     tmp, out, _ = preempted_specialist_job
     runs = offline_runs(out / "logs/specialist-image", wait=30)
@@ -287,9 +289,9 @@ def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metric
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp / "wandb-data"))
     for k in ("WANDB_RUN_ID", "SLURM_JOB_ID"):
         monkeypatch.delenv(k, raising=False)
-    assert tracking_main(["eval", str(out / "specialists/image"), "--data", str(demo_root), "--out", str(tmp / "eval"),
-                          "--wandb-dir", str(tmp / "eval-logs"), "--examples", "2", "--examples-pool", "16", "--",
-                          "--modalities", "image", "--max-samples", "16", "--no-progress"]) == 0
+    assert main(["jobs", "eval", "--models", str(out / "specialists/image"), "--data", str(demo_root), "--out",
+                 str(tmp / "eval"), "--wandb-dir", str(tmp / "eval-logs"), "--examples", "2", "--examples-pool", "16",
+                 "--modalities", "image", "--max-samples", "16", "--no-progress"]) == 0
     (evaluation,) = offline_runs(tmp / "eval-logs", wait=30)
     assert evaluation.config["phase"] == "specialist"
     assert_logged([*runs, evaluation], "specialist", ("image",))
@@ -297,7 +299,7 @@ def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metric
 
 def test_sigterm_outside_slurm_saves_a_checkpoint_and_resume_is_bitwise(tiny_model_dir, demo_root, tmp_path,
                                                                       reference_run, monkeypatch):
-    from omni_lightning.cli import main
+    from omni_lightning.app.cli import main
 
     for k in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(k)
@@ -321,7 +323,7 @@ def test_sigterm_during_validation_saves_a_checkpoint_and_resume_is_bitwise(tiny
                                                                            monkeypatch):
     """SIGTERM while the end-of-epoch validation runs (Lightning raises it there, outside a training batch): the
     checkpoint holds the finished epoch, and resuming trains the second epoch to the uninterrupted weights."""
-    from omni_lightning.cli import main
+    from omni_lightning.app.cli import main
 
     for k in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(k)
@@ -346,7 +348,12 @@ def test_sigterm_during_validation_saves_a_checkpoint_and_resume_is_bitwise(tiny
 
 
 def test_fuse_job_runs_end_to_end_and_logs_its_diagnostics(tiny_model_dir, demo_root, tmp_path):
-    from omni_lightning.tracking import FUSE_LAYER_TABLE, FUSE_PLOT, offline_runs, panels
+    from omni_lightning.tracking import (
+        FUSE_LAYER_TABLE,
+        FUSE_PLOT,
+        offline_runs,
+        panels,
+    )
 
     out = tmp_path / "run"
     make_specialists(tiny_model_dir, out / "specialists")
@@ -357,7 +364,7 @@ def test_fuse_job_runs_end_to_end_and_logs_its_diagnostics(tiny_model_dir, demo_
     assert proc.returncode == 0, log[-3000:]
     assert (out / "fused" / "diagnostics.json").is_file() and "wrote fused model" in log
     srun = (tmp_path / "fake-slurm" / "srun.log").read_text()
-    assert "-m omni_lightning.tracking fuse" in srun and f"--out {out}/fused" in srun
+    assert "-m omni_lightning jobs fuse" in srun and f"--out {out}/fused" in srun
     (run,) = offline_runs(out / "logs/fuse", wait=30)
     for panel in panels("fuse"):
         for key in panel.keys:

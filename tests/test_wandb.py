@@ -11,12 +11,23 @@ import types
 from pathlib import Path
 
 import pytest
-
 from conftest import fit_args
 from slurm_helpers import assert_logged
-from omni_lightning.cli import main
-from omni_lightning.tracking import (LR_REGEX, SECTIONS, STEP_KEY, eval_metrics, examples_table, model_phase,
-                                     offline_runs, panels, read_offline_run, run_id, wandb_mode)
+
+from omni_lightning.app.cli import main
+from omni_lightning.tracking import (
+    LR_REGEX,
+    SECTIONS,
+    STEP_KEY,
+    eval_metrics,
+    examples_table,
+    model_phase,
+    offline_runs,
+    panels,
+    read_offline_run,
+    run_id,
+    wandb_mode,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,13 +61,11 @@ def phase_runs(tiny_model_dir, demo_root, tmp_path_factory, request):
     extra = [f"--trainer.callbacks+=omni_lightning.callbacks.{c}" for c in ("Throughput", "LearningRate",
              "RetrievalExamples") if f"omni_lightning.callbacks.{c}" not in listed]
     main(wandb_fit_args("rehearse.yaml", out / "recover", demo_root, out, "rehearse", extra))
-    from omni_lightning.tracking import main as tracking_main
-
     # the eval job names each run by the phase that produced its model: θ₀ (base), recovered, final
-    rc = tracking_main(["eval", str(tiny_model_dir), str(out / "recover"), str(out / "rehearse"),
-                        "--data", str(demo_root), "--out", str(out / "eval"), "--wandb-dir", str(out / "logs/eval"),
-                        "--examples", "2", "--examples-pool", "16", "--",
-                        "--modalities", "image", "audio", "--max-samples", "16", "--no-progress"])
+    rc = main(["jobs", "eval", "--models", str(tiny_model_dir), str(out / "recover"), str(out / "rehearse"),
+               "--data", str(demo_root), "--out", str(out / "eval"), "--wandb-dir", str(out / "logs/eval"),
+               "--examples", "2", "--examples-pool", "16",
+               "--modalities", "image", "audio", "--max-samples", "16", "--no-progress"])
     assert rc == 0
     return out
 
@@ -112,7 +121,7 @@ def test_eval_job_runs_hold_the_eval_section(phase_runs):
 
 
 def test_dashboard_panels_come_from_the_catalogue():
-    from omni_lightning.dashboard import build_workspace, panel_keys, spec
+    from omni_lightning.app.dashboard import build_workspace, panel_keys, spec
 
     ws = build_workspace("ent", "proj")
     keys = panel_keys(ws)
@@ -173,7 +182,6 @@ def test_model_phase(tiny_model_dir, tmp_path):
 
 def test_wandb_offline_sync_triggers_from_rank_zero_only(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import WandbLogger
-
     from omni_lightning.callbacks import WandbOfflineSync
 
     calls = []

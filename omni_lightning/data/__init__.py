@@ -1,11 +1,10 @@
-"""Data: the shard schema, shard sets (write / index / check / stream), the demo corpus and the datamodule.
+"""Data: the shard schema, shard sets (write / index / check / stream), the balanced sampler and the datamodule.
 
-Public names of the schema, shard and demo modules are re-exported here; the datamodule lives in
+Public names of the schema and shard modules are re-exported here (the demo corpus is :mod:`omni_lightning.demo`); the datamodule lives in
 ``omni_lightning.data.datamodule`` (imported lazily: it needs Lightning).
 """
 
-from .demo import demo_captions, demo_samples, demo_vocabulary, make_demo_data
-from .schema import (
+from omni_lightning.data.schema import (
     ITEM_TYPES,
     MODALITIES,
     SCHEMA_VERSION,
@@ -15,7 +14,7 @@ from .schema import (
     encode_record,
     validate_record,
 )
-from .shards import (
+from omni_lightning.data.shards import (
     ManifestError,
     ShardSetWriter,
     SkipCounter,
@@ -38,13 +37,9 @@ __all__ = [
     "SkipCounter",
     "check_shards",
     "decode_sample",
-    "demo_captions",
-    "demo_samples",
-    "demo_vocabulary",
     "encode_item",
     "encode_record",
     "iter_samples",
-    "make_demo_data",
     "read_index",
     "shard_manifest",
     "shard_urls",

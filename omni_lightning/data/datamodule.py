@@ -33,8 +33,15 @@ from omni_lightning.data.balanced_sampler import (
     resolve_weights,
     stable_seed,
 )
-from omni_lightning.data.schema import MODALITIES
-from omni_lightning.data.shards import SkipCounter, check_shards, iter_samples, read_index, split_dir
+from omni_lightning.data.shards import (
+    SkipCounter,
+    check_shards,
+    iter_samples,
+    read_index,
+    split_dir,
+)
+from omni_lightning.modalities import MODALITIES
+from omni_lightning.model.processor import OmniProcessor
 
 
 class Collator:
@@ -49,8 +56,6 @@ class Collator:
     @property
     def processor(self):
         if self._processor is None:  # built lazily, once per process
-            from omni_lightning.model.processor import OmniProcessor
-
             self._processor = OmniProcessor.from_pretrained(self.model_dir)
         return self._processor
 

@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from omni_lightning.modalities import MODALITIES
+
 __all__ = [
     "SCHEMA_VERSION",
     "MODALITIES",
@@ -73,8 +75,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-MODALITIES: tuple[str, ...] = ("text", "image", "video", "document", "audio")
-ITEM_TYPES: tuple[str, ...] = ("text", "image", "video", "document", "audio")
+ITEM_TYPES: tuple[str, ...] = MODALITIES  # an item is text or one medium
 # Member extensions accepted per media type; the first one is what encode_item writes.
 MEDIA_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "image": ("png", "jpg", "jpeg"),

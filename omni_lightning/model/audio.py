@@ -99,8 +99,12 @@ class AudioProjector(nn.Module):
 def build_audio_encoder(config: OmniConfig) -> nn.Module:
     """Instantiate the audio encoder from the config dict stored in the omni config (random weights)."""
     if config.audio_type == "qwen3_omni_moe_audio_encoder":
-        from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeAudioEncoderConfig
-        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+        from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+            Qwen3OmniMoeAudioEncoderConfig,
+        )
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+            Qwen3OmniMoeAudioEncoder,
+        )
 
         return Qwen3OmniMoeAudioEncoder(Qwen3OmniMoeAudioEncoderConfig.from_dict(_strip(config.audio_encoder)))
     from transformers import WhisperConfig

@@ -20,8 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from omni_lightning.model.audio import build_audio_encoder
 from omni_lightning.model.config import AUDIO_TOKENS, AudioFeatureConfig, OmniConfig
-from omni_lightning.model.omni import OmniEmbedder, audio_token_ids, check_local_dir, weight_files
+from omni_lightning.model.omni import (
+    OmniEmbedder,
+    audio_token_ids,
+    check_local_dir,
+    weight_files,
+)
 
 VISION_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -107,19 +113,19 @@ def add_audio_tokens(tokenizer, backbone: nn.Module, seed: int = 0) -> dict[str,
     return ids
 
 
-def build_tiny(seed: int = 0, corpus: list[str] | None = None) -> tuple[OmniEmbedder, Any]:
-    """The embedded default: returns (model, backbone processor)."""
-    return build_preset("tiny", seed, corpus)
+def build_preset(preset: str, seed: int, corpus: list[str]) -> tuple[OmniEmbedder, Any]:
+    """An embedded preset (``tiny`` or ``small``) whose tokenizer is trained on ``corpus`` (the strings it must
+    read; :func:`omni_lightning.demo.demo_vocabulary` for the demo world): returns (model, backbone processor)."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLModel,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
 
-
-def build_preset(preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None) -> tuple[OmniEmbedder, Any]:
-    """An embedded preset (``tiny`` or ``small``): returns (model, backbone processor)."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLModel, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-    if corpus is None:
-        from omni_lightning.data.demo import demo_vocabulary
-
-        corpus = list(demo_vocabulary())
+    if not corpus:
+        raise ValueError("an embedded preset needs the vocabulary (strings) its tokenizer is trained on")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; embedded presets: {', '.join(PRESETS)}")
     sizes = PRESETS[preset]
@@ -191,8 +197,10 @@ def init_model(
     seed: int = 0,
     overwrite: bool = False,
     dtype: str | None = None,
+    vocabulary: list[str] | None = None,
 ) -> Path:
-    """Write a model directory (``preset='tiny'``, or ``backbone`` + ``audio_encoder`` local directories)."""
+    """Write a model directory: an embedded ``preset`` with a tokenizer trained on ``vocabulary``, or an assembly of
+    ``backbone`` + ``audio_encoder`` local directories."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -201,7 +209,7 @@ def init_model(
             raise ValueError("assembling a real model needs both --backbone and --audio-encoder (local directories)")
         model, processor = assemble(backbone, audio_encoder, seed=seed, dtype=dtype)
     else:
-        model, processor = build_preset(preset or "tiny", seed)
+        model, processor = build_preset(preset or "tiny", seed, list(vocabulary or []))
     model.save_pretrained(out, processor=processor)
     return out
 
@@ -252,8 +260,6 @@ def load_audio_encoder(directory: str | Path) -> tuple[str, dict, nn.Module, Aud
         )
     cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "architectures", "model_type")}
     probe = OmniConfig(audio_type=audio_type, audio_encoder=cfg)
-    from omni_lightning.model.audio import build_audio_encoder
-
     encoder = build_audio_encoder(probe)
     state = _load_prefixed(directory, prefixes)
     missing, unexpected = encoder.load_state_dict(state, strict=False)

@@ -25,8 +25,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from omni_lightning.model.audio import AudioProjector, audio_output_dim, build_audio_encoder, encode_audio
-from omni_lightning.model.config import AUDIO_TOKENS, CONFIG_NAME, PART_PREFIXES, OmniConfig, expand_parts
+from omni_lightning.modalities import VISUAL
+from omni_lightning.model.audio import (
+    AudioProjector,
+    audio_output_dim,
+    build_audio_encoder,
+    encode_audio,
+)
+from omni_lightning.model.config import (
+    AUDIO_TOKENS,
+    CONFIG_NAME,
+    PART_PREFIXES,
+    OmniConfig,
+    expand_parts,
+)
+from omni_lightning.model.processor import OmniProcessor
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -238,8 +251,7 @@ class OmniEmbedder(nn.Module):
 
 # The parts beyond the language model, and the modalities whose inputs reach them; the model-input key that
 # carries each modality's media (document pages travel as images).
-_PART_MODALITIES = {"vision_encoder": frozenset({"image", "video", "document"}), "audio_encoder": frozenset({"audio"}),
-                    "projector": frozenset({"audio"})}
+_PART_MODALITIES = {"vision_encoder": frozenset(VISUAL), "audio_encoder": frozenset({"audio"}), "projector": frozenset({"audio"})}
 _INPUT_MODALITY = {"pixel_values": "image", "pixel_values_videos": "video", "audio_features": "audio"}
 
 
@@ -302,8 +314,6 @@ def audio_token_ids(tokenizer) -> dict[str, int]:
 
 
 def load_model_and_processor(directory: str | Path, dtype: torch.dtype | None = None):
-    from omni_lightning.model.processor import OmniProcessor
-
     model = OmniEmbedder.from_pretrained(directory, dtype=dtype)
     return model, OmniProcessor.from_pretrained(directory, model.config)
 

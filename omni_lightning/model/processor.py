@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from omni_lightning.modalities import MODALITIES as ITEM_TYPES
 from omni_lightning.model.audio import LogMel, audio_token_count
 from omni_lightning.model.config import AUDIO_TOKENS, OmniConfig
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
-ITEM_TYPES = ("text", "image", "document", "video", "audio")
 
 
 class OmniProcessor:

@@ -2,8 +2,8 @@
 
 from omni_lightning.modules.base import LoraSettings, LossSettings, OmniModule
 from omni_lightning.modules.pretrain import PretrainModule
-from omni_lightning.modules.recovery import RecoveryModule
-from omni_lightning.modules.rehearsal import RehearsalModule
+from omni_lightning.modules.recover import RecoveryModule
+from omni_lightning.modules.rehearse import RehearsalModule
 from omni_lightning.modules.specialist import SpecialistModule
 
 __all__ = ["LoraSettings", "LossSettings", "OmniModule", "PretrainModule", "RecoveryModule", "RehearsalModule",

@@ -32,11 +32,11 @@ from torch import Tensor, nn
 from torchmetrics.retrieval import RetrievalHitRate
 
 from omni_lightning.losses import ContrastiveLoss, grad_cache_step
+from omni_lightning.modalities import MODALITIES
 from omni_lightning.model.config import PART_PREFIXES, expand_parts
 from omni_lightning.model.omni import OmniEmbedder
 from omni_lightning.model.processor import OmniProcessor
-
-MODALITIES = ("text", "image", "video", "document", "audio")
+from omni_lightning.tracking import catalogue
 
 
 @dataclass
@@ -218,14 +218,14 @@ class OmniModule(LightningModule):
             sch = self.lr_schedulers()
             if sch is not None:
                 sch.step()
-        self.log(f"{self.phase}/train/loss", loss, prog_bar=True, batch_size=total)
+        self.log(catalogue.train_loss(self.phase), loss, prog_bar=True, batch_size=total)
         for part, lp in zip(parts, losses):
-            self.log(f"{self.phase}/train/loss/{part['modality']}", lp, batch_size=part["size"])
-        self.log(f"{self.phase}/data/skipped", float(batch.get("skipped", 0)), reduce_fx="max", batch_size=total)
+            self.log(catalogue.train_loss(self.phase, part["modality"]), lp, batch_size=part["size"])
+        self.log(catalogue.skipped(self.phase), float(batch.get("skipped", 0)), reduce_fx="max", batch_size=total)
         for m, share in (batch.get("mix") or {}).items():  # what the sampler actually produced so far
-            self.log(f"{self.phase}/mix/{m}", float(share), batch_size=total)
+            self.log(catalogue.mix(self.phase, m), float(share), batch_size=total)
         if self.loss_settings.learnable_temperature:
-            self.log(f"{self.phase}/train/temperature", self.loss_fn.temperature, batch_size=total)
+            self.log(catalogue.temperature(self.phase), self.loss_fn.temperature, batch_size=total)
         return loss if self.automatic_optimization else None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -246,13 +246,13 @@ class OmniModule(LightningModule):
         metric = self.val_r1[batch["modality"]]
         metric.update(scores.flatten(), target.flatten(), indexes=idx.flatten())
         loss = self.loss_fn(q, p)
-        self.log(f"{self.phase}/val/loss/{batch['modality']}", loss, batch_size=B, sync_dist=True)
+        self.log(catalogue.val_loss(self.phase, batch["modality"]), loss, batch_size=B, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         for m, metric in self.val_r1.items():
             # every rank takes part in the decision (and in compute's sync) even if it saw no such batch
             if _any_rank_updated(metric, self):
-                self.log(f"{self.phase}/val/r1/{m}", metric.compute(), sync_dist=False)
+                self.log(catalogue.val_r1(self.phase, m), metric.compute(), sync_dist=False)
             metric.reset()
 
     # ------------------------------------------------------------------ export
@@ -296,7 +296,11 @@ def check_export_strategy(strategy: Any, export_dir: str | None) -> None:
     """Refuse, before the first step, a sharded strategy when the fit ends in an export: rank 0 writes the model
     directory from its own parameters, which under FSDP / DeepSpeed / model parallelism are shards (merging LoRA
     into them would write a broken model after the whole run). Untested without GPUs, so not offered."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
 
     if export_dir and isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
         raise ValueError(

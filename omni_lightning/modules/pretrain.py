@@ -2,10 +2,10 @@
 
 The recipe starts from a vision-language model that already reads text and sees (Qwen3-VL in the paper).
 The tiny preset is drawn at random, so on its own it has neither: its specialists then learn from scratch,
-and fusion's 0.3 · Δ of each vision specialist lands on a base with no vision to build on (DESIGN.md).
+and fusion's 0.3 · Δ of each vision specialist lands on a base with no vision to build on (docs/results.md).
 Stage 0 trains the tiny base's language model and vision encoder in full on the *stage-0 corpus* —
 text paraphrase pairs and generic "glyph" pictures (a grey digit captioned by its size), see
-:mod:`omni_lightning.data.demo` — and exports θ₀. It is not part of the paper's recipe; a real checkpoint
+:mod:`omni_lightning.demo` — and exports θ₀. It is not part of the paper's recipe; a real checkpoint
 skips it (``base.pretrain: null`` in ``configs/pipeline.yaml``).
 """
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from omni_lightning.modules.base import MODALITIES, OmniModule
+from omni_lightning.modalities import MODALITIES
+from omni_lightning.modules.base import OmniModule
 
 
 class SpecialistModule(OmniModule):

@@ -18,12 +18,12 @@ upload (``Workspace._to_model()``), so a broken definition fails without network
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
 
-from omni_lightning.tracking import SECTIONS, SPECIALISTS, STEP_KEY, Panel, panels
+from omni_lightning.modalities import SPECIALISTS
+from omni_lightning.tracking.catalogue import SECTIONS, STEP_KEY, Panel, panels
 
 DEFAULT_NAME = "omni-lightning"
 
@@ -105,28 +105,23 @@ def spec(workspace) -> dict[str, Any]:
     return json.loads(workspace._to_model().model_dump_json())
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    sections = tuple(args.sections) if args.sections else SECTIONS
-    workspace = build_workspace(args.entity, args.project, args.name, sections)
-    if args.dry_run:
+def run_dashboard(entity: str, project: str, name: str = DEFAULT_NAME, sections: list[str] | None = None,
+                  dry_run: bool = False, as_json: bool = False) -> int:
+    """Build the workspace; print it (``dry_run``: outline, or the full spec with ``as_json``) or save it."""
+    unknown = sorted(set(sections or ()) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown dashboard section(s) {unknown}; expected some of {list(SECTIONS)}")
+    workspace = build_workspace(entity, project, name, tuple(sections) if sections else SECTIONS)
+    if dry_run:
         spec(workspace)  # fails here, offline, if the definition does not build
-        print(json.dumps(spec(workspace), indent=2) if args.json else outline(workspace))
+        print(json.dumps(spec(workspace), indent=2) if as_json else outline(workspace))
         return 0
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         raise ValueError(f"WANDB_MODE={os.environ['WANDB_MODE']}: saving a workspace needs W&B's servers; run with "
-                         "WANDB_MODE=online (and an API key: `wandb login`) or use --dry-run")
+                         "WANDB_MODE=online (and an API key: `wandb login`) or use --dry_run")
     saved = workspace.save()
     print(f"saved W&B workspace: {saved.url}")
     return 0
 
 
-def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--entity", required=True, help="W&B entity (team or user) the runs log to")
-    s.add_argument("--project", required=True, help="W&B project (the runs' WANDB_PROJECT; default omni-lightning)")
-    s.add_argument("--name", default=DEFAULT_NAME, help=f"view name (default {DEFAULT_NAME})")
-    s.add_argument("--sections", nargs="+", choices=SECTIONS, help="sections to build (default: all)")
-    s.add_argument("--dry-run", action="store_true", help="print the workspace instead of saving it (no network)")
-    s.add_argument("--json", action="store_true", help="with --dry-run: print the full view spec as JSON")
-
-
-__all__ = ["add_arguments", "build_workspace", "outline", "panel_keys", "run_cli", "spec"]
+__all__ = ["build_workspace", "outline", "panel_keys", "run_dashboard", "spec"]

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from omni_lightning.evaluation.drift import load_pairs, measure_drift
+from omni_lightning.model.config import OmniConfig
+from omni_lightning.model.omni import load_model_and_processor, weight_files
 from omni_lightning.utils import atomic_write_text, readable_mode
 
 PRIMARY = "q2c_r1"
@@ -79,8 +82,6 @@ def backbone_identical(fused: Path, recovered: Path) -> dict[str, Any]:
     import torch
     from safetensors import safe_open
 
-    from omni_lightning.model.config import OmniConfig
-    from omni_lightning.model.omni import weight_files
 
     prefix = OmniConfig.load(recovered).parts["projector"]
 
@@ -108,8 +109,6 @@ DRIFT_MODELS = ("audio specialist", "fused", "recovered", "final (rehearsed)")  
 
 
 def drift_rows(models: dict[str, Path], data_root: Path, reference: Path, max_samples: int = 256) -> dict[str, dict]:
-    from omni_lightning.callbacks.projector_drift import load_pairs, measure_drift
-    from omni_lightning.model.omni import load_model_and_processor
 
     samples = load_pairs(data_root, "eval", max_samples)
     ref, ref_proc = load_model_and_processor(reference)

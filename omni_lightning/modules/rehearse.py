@@ -1,4 +1,4 @@
-"""Balanced multi-modal rehearsal (METHOD.md §5): the last training step, from the recovered model.
+"""Balanced multi-modal rehearsal (docs/method.md): the last training step, from the recovered model.
 
 LoRA (through peft) on the backbone -- the language model and the vision encoder -- trained on batches from
 every modality, drawn by the balanced sampler (:mod:`omni_lightning.data.balanced_sampler`); the audio

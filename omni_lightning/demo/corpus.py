@@ -49,8 +49,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .schema import MODALITIES
-from .shards import split_dir, write_shards
+from omni_lightning.data.shards import split_dir, write_shards
+from omni_lightning.modalities import MODALITIES
 
 __all__ = [
     "DEMO_INSTRUCTIONS",

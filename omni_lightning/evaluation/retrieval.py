@@ -32,8 +32,9 @@ from torch import Tensor
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG
 from tqdm.auto import tqdm
 
-from omni_lightning.data.schema import MODALITIES
 from omni_lightning.data.shards import iter_samples, split_dir
+from omni_lightning.modalities import MODALITIES
+from omni_lightning.model.omni import load_model_and_processor
 
 KS = (1, 5, 10)
 NDCG_K = 10
@@ -278,8 +279,6 @@ def evaluate_model(model_dir: str | Path, data_root: str | Path, modalities: lis
                    split: str = "eval", batch_size: int = 64, progress: bool = True,
                    **kwargs: Any) -> dict[str, dict[str, float]]:
     """Metrics per modality of a model directory on ``<data_root>/<modality>/<split>/``."""
-    from omni_lightning.model.omni import load_model_and_processor
-
     available = [m for m in MODALITIES if split_dir(data_root, m, split).is_dir()]
     modalities = list(modalities or available)
     missing = [m for m in modalities if m not in available]

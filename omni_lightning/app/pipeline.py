@@ -34,11 +34,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from omni_lightning.app.fit import lightning_cli
+from omni_lightning.app.report import DRIFT_MODELS, drift_rows, write_report
+from omni_lightning.demo import init_demo_model, make_demo_data
+from omni_lightning.evaluation import evaluate_model
+from omni_lightning.fusion import format_diagnostics, fuse, load_config
+from omni_lightning.modalities import SPECIALISTS
 from omni_lightning.model.config import CONFIG_NAME
 from omni_lightning.utils import atomic_write_text
 
-SPECIALISTS = ("image", "video", "document", "audio")
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECORDS = ".pipeline"
 
 
@@ -229,8 +236,6 @@ class Pipeline:
         args = self.fit_args(config, model, export, data_root, name)
 
         def run() -> None:
-            from omni_lightning.cli import lightning_cli
-
             lightning_cli(args)
             if not model_dir_complete(export):
                 raise RuntimeError(f"fit finished but wrote no model directory at {export}")
@@ -246,9 +251,7 @@ class Pipeline:
             init = out / "init"
 
             def run_init() -> None:
-                from omni_lightning.model.build import init_model
-
-                init_model(init, preset=cfg.base.preset, seed=cfg.base.seed, overwrite=True)
+                init_demo_model(init, preset=cfg.base.preset, seed=cfg.base.seed, overwrite=True)
 
             stages.append(Stage("init", init, {"preset": cfg.base.preset, "seed": cfg.base.seed}, run_init,
                                 lambda: model_dir_complete(init)))
@@ -281,8 +284,6 @@ class Pipeline:
         seed = self.cfg.data.seed
 
         def run() -> None:
-            from omni_lightning.data.demo import make_demo_data
-
             make_demo_data(root, seed=seed, n_train=n_train, n_eval=n_eval, corpus=corpus, overwrite=True,
                            progress=True)
 
@@ -297,8 +298,6 @@ class Pipeline:
         specs = [self.out / "specialists" / m for m in names]
 
         def run() -> None:
-            from omni_lightning.fusion import format_diagnostics, fuse, load_config
-
             conf = load_config(config_path(self.cfg.fuse.config), {
                 "base": str(self.base_dir), "specialists": [str(s) for s in specs], "names": names,
                 "alpha": [float(alpha[m]) for m in names], "out": str(out_dir), "overwrite": True, "progress": False,
@@ -358,8 +357,6 @@ class Pipeline:
             self.run_stage(stage)
         t = time.perf_counter()
         try:
-            from omni_lightning.report import write_report
-
             results = self.evaluate()
             report = write_report(self, results, self.drift())
         except Exception as e:
@@ -370,8 +367,6 @@ class Pipeline:
     def evaluate(self) -> dict[str, dict[str, dict[str, float]]]:
         """Every model × every modality; each model's results cached in ``OUT/eval/<model>.json`` with the
         model's fingerprint (re-evaluated when the model or the eval settings change, or with ``--force eval``)."""
-        from omni_lightning.evaluation import evaluate_model
-
         e = self.cfg.eval
         settings = asdict(e) | {"data": fingerprint(self.data_root)}
         models = dict(self.models())
@@ -389,8 +384,6 @@ class Pipeline:
     def drift(self) -> dict[str, dict[str, float]]:
         """The drift table: audio–text eval pairs through each audio-carrying model, against the audio specialist
         (cached like :meth:`evaluate`)."""
-        from omni_lightning.report import DRIFT_MODELS, drift_rows
-
         reference = self.out / "specialists" / "audio"
         if "audio" not in self.cfg.eval.modalities or not reference.is_dir():
             return {}
@@ -415,8 +408,6 @@ class Pipeline:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     p = ArgumentParser(prog="omni-lightning pipeline", description=__doc__.split("\n\n")[0],
                        default_config_files=[], exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (configs/pipeline.yaml documents every key)")
@@ -438,7 +429,7 @@ def load_pipeline_config(argv: list[str]) -> tuple[PipelineConfig, list[str]]:
     return cfg, force
 
 
-def main(argv: list[str]) -> int:
+def run_pipeline(argv: list[str]) -> int:
     try:
         cfg, force = load_pipeline_config(argv)
         pipe = Pipeline(cfg, force)
