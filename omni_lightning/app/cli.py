@@ -203,6 +203,26 @@ def dashboard(entity: str, project: str, name: str = DEFAULT_NAME, sections: lis
     return run_dashboard(entity, project, name, sections, dry_run, as_json=json)
 
 
+def export(model: str, out: str, backbone_only: bool = False, eval_results: str | None = None,
+           overwrite: bool = False) -> int:
+    """Write a shareable folder: AutoModel / AutoProcessor (after `import omni_lightning.model`) and
+    SentenceTransformer open it; with --backbone_only, the language+vision backbone as a plain checkpoint of its
+    own architecture. Every folder gets a model card (README.md: recipe, input hashes, eval table).
+
+    Args:
+        model: model directory to export.
+        out: folder to write.
+        backbone_only: write only the language+vision backbone (e.g. a Qwen3VLModel checkpoint) and its processor.
+        eval_results: a JSON of `omni-lightning eval --out`: its table goes into the model card.
+        overwrite: replace --out if it exists.
+    """
+    from omni_lightning.model.export import export_model
+
+    path = export_model(model, out, backbone_only=backbone_only, eval_results=eval_results, overwrite=overwrite)
+    print(f"exported {model} to {path}" + (" (backbone only)" if backbone_only else ""))
+    return 0
+
+
 def fuse(cfg: FuseConfig) -> int:
     return run_cli(cfg)
 
@@ -219,6 +239,7 @@ COMMANDS: dict[str, tuple[Callable[..., int] | type, str]] = {
     "pipeline": (PipelineConfig, "the whole recipe, stage by stage, with the report (configs/pipeline.yaml)"),
     "demo": (demo, "the main job (`make demo`): the pipeline with configs/pipeline.yaml"),
     "dashboard": (dashboard, "build the W&B workspace with wandb-workspaces"),
+    "export": (export, "a shareable folder (transformers AutoModel, sentence-transformers) with a model card"),
 }
 JOBS: dict[str, tuple[Callable[..., int] | type, str]] = {
     "fuse": (FuseConfig, "omni-lightning fuse, then log its diagnostics as a W&B run"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,105 @@ def _trained_parts(spec: Checkpoint, base: Checkpoint) -> set[str]:
     return out
 
 
+def tokenizer_vocab(directory: Path) -> dict[str, int] | None:
+    """Token -> id of a directory's tokenizer (``tokenizer.json``, else ``vocab.json`` + ``added_tokens.json``),
+    read as JSON; ``None`` when the directory holds no tokenizer."""
+    tj = directory / "tokenizer.json"
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        model_vocab = (data.get("model") or {}).get("vocab") or {}
+        if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...], the id is the index
+            vocab = {str(p[0]): i for i, p in enumerate(model_vocab)}
+        else:
+            vocab = {str(k): int(v) for k, v in model_vocab.items()}
+        for t in data.get("added_tokens") or []:
+            vocab[str(t["content"])] = int(t["id"])
+        return vocab
+    vj = directory / "vocab.json"
+    if vj.is_file():
+        vocab = {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
+        at = directory / "added_tokens.json"
+        if at.is_file():
+            vocab.update({str(k): int(v) for k, v in json.loads(at.read_text(encoding="utf-8")).items()})
+        return vocab
+    return None
+
+
+@dataclass
+class TokenRows:
+    """Who owns which rows of the token-embedding matrices (ownership follows the tokenizers, not row counts).
+
+    ``new``: row id -> input index whose rows are copied (ids a specialist's tokenizer has and the base's lacks;
+    for omni model directories also the audio tokens and every id from ``base_vocab_size`` on, owned by the
+    ``new_tokens`` owner); ``used``: rows the base's tokenizer can emit (``None``: unknown, every row counts).
+    Rows beyond ``used`` that no tokenizer adds (the padding of a real vocabulary) keep the base's values."""
+
+    new: dict[int, int]
+    used: int | None
+    names: dict[int, str]  # input index -> name (for the rule text)
+    tail: tuple[int, int] | None = None  # omni: (base_vocab_size, owner): rows the assembly appended
+
+    def segments(self, rows: int, all_in: tuple[int, ...]) -> list[Segment]:
+        label: list[tuple[str, int]] = [("fuse", 0)] * rows
+        if self.used is not None:
+            for r in range(min(self.used, rows), rows):
+                label[r] = ("pad", 0)
+        if self.tail is not None:
+            for r in range(min(self.tail[0], rows), rows):
+                label[r] = ("new", self.tail[1])
+        for r, src in self.new.items():
+            if r < rows:
+                label[r] = ("new", src)
+        segs: list[Segment] = []
+        self._kinds: dict[int, str] = {}
+        start = 0
+        for r in range(1, rows + 1):
+            if r == rows or label[r] != label[start]:
+                kind, src = label[start]
+                segs.append(Segment(start, r, "fuse" if kind == "fuse" else "copy", src, all_in))
+                self._kinds[start] = kind
+                start = r
+        return segs
+
+    def describe(self, segs: list[Segment]) -> str:
+        kinds = getattr(self, "_kinds", {})
+        return "; ".join(f"rows {s.r0}:{s.r1} ({'new tokens' if kinds.get(s.r0) == 'new' else 'no token'}) from "
+                         f"{self.names.get(s.src, 'base')}" for s in segs if s.kind == "copy")
+
+
+def token_rows(base: Checkpoint, specs: list[Checkpoint], names: list[str], omni_owner: int | None,
+               omni_copy: bool) -> TokenRows:
+    """The ownership of token rows (see :class:`TokenRows`). ``omni_owner``: input index of the ``new_tokens``
+    owner (0 or None: keep the base's); ``omni_copy``: the ``new_tokens`` rule copies (does not fuse)."""
+    base_vocab = tokenizer_vocab(base.path)
+    new: dict[int, int] = {}
+    if base_vocab is not None:
+        for m, s in enumerate(specs, 1):
+            sv = tokenizer_vocab(s.path)
+            if sv is None:
+                continue
+            for tok, i in sv.items():
+                if tok in base_vocab:
+                    continue
+                if i in new and new[i] != m:
+                    raise FusionError(f"token id {i} is added by both {names[new[i]]!r} and {names[m]!r} (their "
+                                      "tokenizers have it, the base's lacks it); new tokens can come from one "
+                                      "specialist only")
+                new[i] = m
+    used = max(base_vocab.values(), default=-1) + 1 if base_vocab is not None else None
+    tail = None
+    if base.omni is not None and omni_copy:
+        owner = omni_owner or 0
+        # the audio tokens the assembly added to the backbone's tokenizer: wherever they fall (a real Qwen
+        # vocabulary has them inside its padded embedding matrix), and the rows it appended
+        for i in (base.omni.get("audio_token_ids") or {}).values():
+            new[int(i)] = owner
+        nb = int(base.omni.get("base_vocab_size", 0) or 0)
+        if nb > 0:
+            tail = (nb, owner)
+    return TokenRows(new, used, {i: n for i, n in enumerate(names)}, tail)
+
+
 def build_plan(cfg: FuseConfig) -> Plan:
     """Open every input's headers and decide, per tensor, what the output holds. Reads no tensor data."""
     validate_config(cfg)
@@ -198,6 +298,12 @@ def build_plan(cfg: FuseConfig) -> Plan:
         if r.mode == "copy":
             owners[NEW_TOKENS] = (None if r.owner == "base" else r.owner) if r.owner else owners.get("projector")
     idx = {n: i + 1 for i, n in enumerate(cfg.names)}
+    tok_rows: TokenRows | None = None
+    if any(EMBEDDING_RE.search(n) for n in base.tensors):
+        nt_owner = owners.get(NEW_TOKENS) if omni else None
+        keep = omni and (rules[NEW_TOKENS].mode == "keep_base" or nt_owner is None)
+        tok_rows = token_rows(base, specs, names, 0 if keep else idx.get(nt_owner or "", 0),
+                              omni and rules[NEW_TOKENS].mode != "fuse")
 
     def rule_for(name: str) -> tuple[str, PartRule | None]:
         best, key = "", None
@@ -254,6 +360,18 @@ def build_plan(cfg: FuseConfig) -> Plan:
             mode_desc = "keep_base (not floating point)"
             segs.append(Segment(0, base_rows, "copy", 0, all_in))
             unchanged = tuple(range(1, M + 1))
+        elif mode == "fuse" and tok_rows is not None and EMBEDDING_RE.search(name):
+            # token rows: ownership follows the tokenizers (model-directory ids, not row counts)
+            segs = tok_rows.segments(base_rows, all_in)
+            mode_desc = "fuse"
+            extra = tok_rows.describe(segs)
+            if extra:
+                mode_desc += "; " + extra
+            n_fuse = sum(1 for s_ in segs if s_.kind == "fuse")
+            if n_fuse > 1 and (cfg.method == "ties" or (cfg.method == "dare" and cfg.dare.combine == "ties")):
+                raise FusionError(f"tensor {name}: the new-token rows ({extra}) split the fused rows into {n_fuse} "
+                                  f"runs; {cfg.method} computes one threshold over one run: use task_arithmetic, "
+                                  "or set parts.new_tokens.mode: fuse")
         elif mode == "fuse":
             fuse_end = base_rows
             mode_desc = "fuse"
@@ -315,6 +433,9 @@ def build_plan(cfg: FuseConfig) -> Plan:
         file_owner = grower_set[0]
     elif omni and owners.get(NEW_TOKENS):
         file_owner = idx[owners[NEW_TOKENS]]
+    elif not omni and tok_rows is not None and {m for m in tok_rows.new.values() if m}:
+        # a specialist whose tokenizer adds tokens inside the base's padded rows: its tokenizer files go out
+        file_owner = min(m for m in tok_rows.new.values() if m)
     else:
         file_owner = 0
     return Plan(cfg, inputs, names, plans, owners, file_owner, warnings, omni)

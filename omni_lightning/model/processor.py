@@ -48,7 +48,8 @@ class OmniProcessor:
 
         config = config or OmniConfig.load(directory)
         processor = AutoProcessor.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-        return cls(config, processor)
+        # an exported directory names our AutoProcessor wrapper (model/hf.py): use the backbone processor it holds
+        return cls(config, getattr(processor, "backbone_processor", processor))
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.processor.save_pretrained(str(directory))
