@@ -312,3 +312,69 @@ def test_qwen2_family_backbones(kind, tmp_path):
         together = model(proc(demo_items(), "x"))
         alone = torch.cat([model(proc([it], "x")) for it in demo_items()])
     torch.testing.assert_close(together, alone, atol=2e-5, rtol=0)
+
+
+# the core of Qwen's chat template (string contents; the real one adds tool and list-content branches)
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_chat_prompt_format_renders_the_backbone_template(tiny, tmp_path):
+    """prompt_format chat: system = instruction (candidates: default_instruction), user = content, then the
+    assistant prompt; the embedding is the last token's (the generation prompt's) hidden state."""
+    import copy
+
+    from omni_lightning.model.prompts import render_prompt
+
+    model, proc = tiny
+    cfg = copy.deepcopy(model.config)
+    cfg.prompt_format = "chat"
+    backbone_proc = copy.deepcopy(proc.processor)
+    backbone_proc.chat_template = QWEN_CHAT_TEMPLATE
+    chat = OmniProcessor(cfg, backbone_proc)
+    q = render_prompt(cfg, backbone_proc, "a red digit seven", "Find the image.")
+    assert q == ("<|im_start|>system\nFind the image.<|im_end|>\n<|im_start|>user\na red digit seven<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+    c = render_prompt(cfg, backbone_proc, "x", None)
+    assert c.startswith(f"<|im_start|>system\n{cfg.default_instruction}<|im_end|>")
+    items = demo_items()
+    batch = chat(items, "Find the image.")
+    text = chat.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert text == q
+    # every modality still embeds, and the format changes the embedding
+    model.eval()
+    with torch.no_grad():
+        e_chat = model(batch)
+        e_tmpl = model(proc(items, "Find the image."))
+    assert e_chat.shape == e_tmpl.shape and torch.isfinite(e_chat).all()
+    assert (e_chat - e_tmpl).abs().max() > 1e-3
+    # the tiny preset keeps its own templates
+    assert model.config.prompt_format == "template"
+    with pytest.raises(ValueError, match="chat template"):
+        render_prompt(cfg, proc.processor, "x", None)  # no chat template in the tiny preset's processor
+    with pytest.raises(ValueError, match="prompt_format"):
+        OmniConfig(prompt_format="jinja")
+
+
+def test_assemble_uses_the_checkpoint_chat_template(tmp_path):
+    """A real checkpoint with a chat template gets prompt_format chat (and keeps the template); without one,
+    the plain templates."""
+    from transformers import Qwen3VLProcessor
+
+    from omni_lightning.model.build import init_model
+
+    vlm, vlm_dir, whisper, w_dir = _tiny_hf_checkpoints(tmp_path)
+    out = init_model(tmp_path / "plain", backbone=str(vlm_dir), audio_encoder=str(w_dir))
+    assert OmniConfig.load(out).prompt_format == "template"
+    p = Qwen3VLProcessor.from_pretrained(vlm_dir)
+    p.chat_template = QWEN_CHAT_TEMPLATE
+    p.save_pretrained(vlm_dir)
+    out = init_model(tmp_path / "chat", backbone=str(vlm_dir), audio_encoder=str(w_dir))
+    assert OmniConfig.load(out).prompt_format == "chat"
+    proc = OmniProcessor.from_pretrained(out)
+    batch = proc([{"type": "text", "text": "three beeps"}], "Find the sound.")
+    assert proc.tokenizer.decode(batch["input_ids"][0]).startswith("<|im_start|>system\nFind the sound.<|im_end|>")
+    out = init_model(tmp_path / "forced", backbone=str(vlm_dir), audio_encoder=str(w_dir), prompt_format="template")
+    assert OmniConfig.load(out).prompt_format == "template"

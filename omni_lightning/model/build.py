@@ -198,6 +198,7 @@ def init_model(
     overwrite: bool = False,
     dtype: str | None = None,
     vocabulary: list[str] | None = None,
+    prompt_format: str | None = None,
 ) -> Path:
     """Write a model directory: an embedded ``preset`` with a tokenizer trained on ``vocabulary``, or an assembly of
     ``backbone`` + ``audio_encoder`` local directories."""
@@ -207,7 +208,7 @@ def init_model(
     if backbone or audio_encoder:
         if not (backbone and audio_encoder):
             raise ValueError("assembling a real model needs both --backbone and --audio-encoder (local directories)")
-        model, processor = assemble(backbone, audio_encoder, seed=seed, dtype=dtype)
+        model, processor = assemble(backbone, audio_encoder, seed=seed, dtype=dtype, prompt_format=prompt_format)
     else:
         model, processor = build_preset(preset or "tiny", seed, list(vocabulary or []))
     model.save_pretrained(out, processor=processor)
@@ -279,8 +280,13 @@ def load_audio_encoder(directory: str | Path) -> tuple[str, dict, nn.Module, Aud
     return audio_type, cfg, encoder, features
 
 
-def assemble(backbone_dir: str | Path, audio_dir: str | Path, seed: int = 0, dtype: str | None = None):
-    """Backbone + processor from ``backbone_dir``, encoder from ``audio_dir``, a new projector."""
+def assemble(backbone_dir: str | Path, audio_dir: str | Path, seed: int = 0, dtype: str | None = None,
+             prompt_format: str | None = None):
+    """Backbone + processor from ``backbone_dir``, encoder from ``audio_dir``, a new projector. ``prompt_format``
+    (:mod:`omni_lightning.model.prompts`): default ``chat`` when the checkpoint ships a chat template, else
+    ``template``."""
+    from omni_lightning.model.prompts import chat_template_of
+
     from transformers import AutoModel, AutoProcessor
 
     backbone_dir = check_local_dir(backbone_dir, "backbone directory")
@@ -303,6 +309,7 @@ def assemble(backbone_dir: str | Path, audio_dir: str | Path, seed: int = 0, dty
         audio_encoder=audio_cfg,
         audio_features=features,
         audio_pool_stride=4 if audio_type == "whisper" else 1,
+        prompt_format=prompt_format or ("chat" if chat_template_of(processor) else "template"),
         audio_token_ids=ids,
         base_vocab_size=base_vocab,
         history=[{"step": "init-model", "backbone": str(backbone_dir), "audio_encoder": str(audio_dir), "seed": seed,

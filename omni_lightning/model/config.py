@@ -84,6 +84,8 @@ class OmniConfig:
     base_vocab_size: int = 0  # rows of the input embedding present before the audio tokens were added
     query_template: str = "<|im_start|>{instruction}\n{content}<|im_end|><|endoftext|>"
     candidate_template: str = "<|im_start|>{content}<|im_end|><|endoftext|>"
+    prompt_format: str = "template"  # "template" (the two above) or "chat" (the backbone's chat template): prompts.py
+    default_instruction: str = "Represent the user's input."  # chat format: the system turn of candidates
     video_fps: float = 2.0
     parts: dict[str, str] = field(default_factory=lambda: dict(PART_PREFIXES))
     format: str = FORMAT
@@ -96,6 +98,8 @@ class OmniConfig:
             raise ValueError(f"backbone_type {self.backbone_type!r} is not supported; use one of {SUPPORTED_BACKBONES}")
         if self.audio_type not in SUPPORTED_AUDIO:
             raise ValueError(f"audio_type {self.audio_type!r} is not supported; use one of {SUPPORTED_AUDIO}")
+        if self.prompt_format not in ("template", "chat"):
+            raise ValueError(f"prompt_format must be 'template' or 'chat', got {self.prompt_format!r}")
         if self.pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
 

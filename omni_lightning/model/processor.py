@@ -27,6 +27,7 @@ from torch import Tensor
 from omni_lightning.modalities import MODALITIES as ITEM_TYPES
 from omni_lightning.model.audio import LogMel, audio_token_count
 from omni_lightning.model.config import AUDIO_TOKENS, OmniConfig
+from omni_lightning.model.prompts import render_prompt
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -96,10 +97,7 @@ class OmniProcessor:
             if item.get("type") == "audio":
                 n, a = audio_lens[a], a + 1
             content = self._content(item, n)
-            if instr is None:
-                texts.append(self.config.candidate_template.format(content=content))
-            else:
-                texts.append(self.config.query_template.format(instruction=instr, content=content))
+            texts.append(render_prompt(self.config, self.processor, content, instr))  # template or chat format
             if item.get("type") in ("image", "document"):
                 images.append(_rgb(item["image"]))
             elif item.get("type") == "video":
