@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from omni_lightning.fusion import Checkpoint
+from omni_lightning.fusion.checkpoint import Checkpoint
 
 # Qwen2.5-1.5B
 HIDDEN, MLP, LAYERS, VOCAB, KV = 1536, 8960, 28, 151936, 256

@@ -229,6 +229,162 @@ def test_ties_density_one_weights_and_zero_alpha(ckpts, tmp_path):
         assert_matches(out[name], ties_reference(b0, [s[name] for s in specs], alphas, 1.0))
 
 
+# ------------------------------------------------------------------ TIES thresholds: streaming select, exact
+def sort_threshold(a: np.ndarray, k: int) -> tuple[float, int, int]:
+    """(k-th largest, how many entries equal to it TIES keeps, how many there are) by a full sort."""
+    thr = float(np.sort(a)[::-1][k - 1])
+    return thr, k - int((a > thr).sum()), int((a == thr).sum())
+
+
+def magnitude_cases(g: torch.Generator) -> list[torch.Tensor]:
+    n = 5000
+    levels = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    return [
+        torch.randn(n, generator=g).abs(),  # continuous
+        levels[torch.randint(0, 5, (n,), generator=g)],  # a few values: ties at every threshold
+        torch.zeros(n),  # an all-zero task vector
+        torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.randn(n, generator=g).abs()),  # mostly zeros
+        (torch.randn(n, generator=g) * 1e-3).to(torch.bfloat16).float().abs(),  # bf16 values: many repeats
+        torch.full((n,), 2.0 ** -140),  # one denormal value everywhere
+    ]
+
+
+@pytest.mark.parametrize("mode", ["held", "bracket", "radix"])
+def test_magnitude_select_matches_a_sort(monkeypatch, mode):
+    """MagnitudeSelect (every density at once, chunks in any order) and radix_select = a full sort, ties included."""
+    from omni_lightning.fusion import methods
+
+    if mode != "held":
+        monkeypatch.setattr(methods, "HOLD_ELEMS", 100)
+    if mode == "radix":  # a one-value sample and zero-width brackets: they miss, the radix select answers
+        monkeypatch.setattr(methods, "BRACKET_Z", 0.0)
+        monkeypatch.setattr(methods, "BRACKET_SLACK", 0.0)
+    g = torch.Generator().manual_seed(5)
+    densities = [1e-4, 0.05, 0.2, 0.3, 0.5, 0.9, 1.0]
+    misses = 0
+    for a in magnitude_cases(g):
+        n = a.numel()
+        ks = [methods.ties_k(d, n) for d in densities]
+        sel = methods.MagnitudeSelect(n, ks)
+        perm = torch.randperm(n, generator=g)  # any order of rows: only values and counts matter
+        cuts = [0, 7, 300, 301, 2222, 4000, n]
+        probe = perm[: (1 if mode == "radix" else 600)]
+        sel.add(a[probe].clone(), probe=True)
+        sel.end_probe()
+        rest = perm[probe.numel():]
+        for lo, hi in zip(cuts, cuts[1:]):
+            sel.add(a[rest[lo:hi]].clone())
+        got = sel.result()
+        for k, r in zip(ks, got):
+            if r is None:
+                misses += 1
+                r = methods.radix_select(lambda: iter(torch.split(a, 777)), k)
+            assert (r.value, r.quota, r.ties) == sort_threshold(a.numpy(), k), (k, r)
+            assert r == methods.radix_select(lambda: iter(torch.split(a, 1000)), k)
+    if mode == "radix":
+        assert misses > 0
+    if mode == "held":
+        assert misses == 0
+
+
+def ties_f32_reference(base: torch.Tensor, specs: list[torch.Tensor], alphas: list[float], density: float,
+                       scale: float, dare: tuple[int, float, str] | None = None) -> torch.Tensor:
+    """The textbook TIES in float32, its trim by a full sort (magnitude descending, then lowest flat index):
+    what the streaming implementation must equal bit for bit."""
+    b = base.float().reshape(-1)
+    n = b.numel()
+    k = max(1, math.ceil(density * n))
+    ds = []
+    for i, s in enumerate(specs):
+        d = s.float().reshape(-1) - b
+        if dare is not None:
+            seed, p, tensor = dare
+            d = d * dare_keep_mask(seed, NAMES[i], tensor, 0, n, p) * (1.0 / (1.0 - p))
+        order = np.lexsort((np.arange(n), -np.abs(d.numpy())))  # by -|Δ|, then by index
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.from_numpy(order[:k])] = True
+        ds.append(d * keep if density < 1 else d)
+    total = torch.zeros(n)
+    for a, d in zip(alphas, ds):
+        if a:
+            total.add_(d, alpha=a)
+    sign = torch.sign(total)
+    num, den = torch.zeros(n), torch.zeros(n)
+    for a, d in zip(alphas, ds):
+        if a:
+            agree = (torch.sign(d) == sign) & (sign != 0)
+            num.add_(d * agree, alpha=a)
+            den.add_(agree.float(), alpha=a)
+    merged = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return torch.add(b, merged, alpha=scale).to(base.dtype).reshape(base.shape)
+
+
+@pytest.mark.parametrize("dare_p", [0.0, 0.3])
+def test_streamed_ties_is_bit_identical_to_a_sort_reference(tmp_path, monkeypatch, dare_p):
+    """TIES and DARE+TIES through fuse, with brackets from sampled rows (and a forced radix fallback), equal the
+    sort-based float32 reference bit for bit: ties at the threshold, all-zero task vectors, bf16 and float32."""
+    from omni_lightning.fusion import methods
+
+    monkeypatch.setattr(methods, "HOLD_ELEMS", 64)
+    monkeypatch.setattr(methods, "PROBE_ELEMS", 256)
+    g = torch.Generator().manual_seed(11)
+    base = {"model.layers.0.t": (torch.randint(-8, 8, (60, 37), generator=g) / 8.0).to(torch.bfloat16),
+            "model.layers.1.c": torch.randn(50, 41, generator=g),
+            "model.layers.2.z": torch.randn(30, 20, generator=g).to(torch.bfloat16),
+            "model.norm.weight": torch.randn(40, generator=g)}
+    levels = torch.tensor([-1.0, -0.5, 0.5, 1.0])
+    specs = []
+    for i in range(3):
+        s = {}
+        for name, v in base.items():
+            if name == "model.layers.0.t":  # dyadic steps: many entries tie at the threshold
+                pick = levels[torch.randint(0, 4, v.shape, generator=g)]
+                pick[torch.rand(v.shape, generator=g) < 0.4] = 0.0
+                s[name] = (v.float() + pick).to(v.dtype)
+            elif name == "model.layers.2.z" and i == 1:  # an all-zero task vector
+                s[name] = v.clone()
+            else:
+                s[name] = (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype)
+        specs.append(s)
+    b = write_ckpt(tmp_path / "base", base)
+    dirs = [write_ckpt(tmp_path / n, s) for n, s in zip(NAMES, specs)]
+    calls = []
+    real = methods.radix_select
+    monkeypatch.setattr(methods, "radix_select", lambda chunks, k: calls.append(k) or real(chunks, k))
+    extra = {"method": "dare", "dare": {"p": dare_p, "seed": 4, "combine": "ties"}} if dare_p else {"method": "ties"}
+    for density, z in ((0.3, 8.0), (0.1, 0.0)):  # z = 0: zero-width brackets, most miss -> radix select
+        monkeypatch.setattr(methods, "BRACKET_Z", z)
+        monkeypatch.setattr(methods, "BRACKET_SLACK", 2e-3 if z else 0.0)
+        out_dir = tmp_path / f"out-{density}"
+        run(b, dirs, out_dir, ties={"density": density, "scale": 0.8}, chunk_mb=2e-3, read_mb=4e-3, **extra)
+        out = load_dir(out_dir)
+        for name, b0 in base.items():
+            ref = ties_f32_reference(b0, [s[name] for s in specs], ALPHA, density, 0.8,
+                                     (4, dare_p, name) if dare_p else None)
+            assert torch.equal(out[name].view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8)), name
+    assert calls  # the fallback really ran
+
+
+def test_dare_factors_equal_the_documented_mask():
+    """The cached DARE factors (each random block drawn once, kept as bits between TIES' passes) multiply a delta
+    exactly as mask-then-rescale with dare_keep_mask, whatever the chunking and order."""
+    from omni_lightning.fusion.methods import DARE_BLOCK, DareFactors
+
+    g = torch.Generator().manual_seed(2)
+    for p in (0.1, 0.5, 0.77):
+        f = DareFactors(3, p, slots=2, retain=True)
+        spans = [(0, 100), (50, 300_000), (DARE_BLOCK - 10, 20), (300_050, 2_000_000), (5, 10),
+                 (3 * DARE_BLOCK, 10), (2_500_000, 700_000)]
+        for _ in range(2):  # the second time from the kept bits
+            for spec in ("a", "b", "c"):
+                for start, n in spans:
+                    d = torch.randn(n, generator=g)
+                    ref = d * dare_keep_mask(3, spec, "t", start, n, p) * (1.0 / (1.0 - p))
+                    got = d * f.factors(spec, "t", start, n)
+                    assert torch.equal(ref.view(torch.int32), got.view(torch.int32)), (p, spec, start, n)
+        assert f.packed
+
+
 @pytest.mark.parametrize("combine", ["task_arithmetic", "ties"])
 def test_dare_matches_reference(ckpts, tmp_path, combine):
     b, dirs, base, specs = ckpts

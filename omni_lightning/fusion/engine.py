@@ -75,9 +75,10 @@ from omni_lightning.fusion.diagnostics import (
     format_diagnostics,
     plot_diagnostics,
 )
-from omni_lightning.fusion.methods import Chunk, make_method
+from omni_lightning.fusion import methods as _methods
+from omni_lightning.fusion.methods import DARE_BLOCK, Chunk, make_method
 from omni_lightning.fusion.plan import Plan, Segment, TensorPlan, _Task, build_plan
-from omni_lightning.fusion.reader import _nonfinite, _Reader, _typed
+from omni_lightning.fusion.reader import _nonfinite, _Reader, _typed, read_rows
 from omni_lightning.fusion.writer import ShardedWriter
 from omni_lightning.model.config import CONFIG_NAME, OmniConfig
 from omni_lightning.model.omni import WEIGHTS_INDEX_NAME
@@ -111,6 +112,7 @@ class _Engine:
         self.stats = _Stats(plan.names[1:])
         self.warnings: list[str] = []
         self.counts = {"fused": 0, "copied": 0, "kept": 0, "added": 0}
+        self.pass1_left: dict[str, int] = {}  # tensor -> pass-1 tasks not yet merged
 
     # ---------------------------------------------------------------- task stream
     def rows_per_chunk(self, t: TensorPlan) -> int:
@@ -134,13 +136,7 @@ class _Engine:
             rpr = self.rows_per_read(t)
             fuse = [s for s in segs if s.kind == "fuse"]
             if self.method.thresholded and fuse and not self.diagnose_only:
-                seg = fuse[0]  # pass 1: each specialist's threshold over the fused rows
-                for m in range(1, self.M + 1):
-                    if t.alphas[m - 1] == 0:
-                        continue
-                    for r0 in range(seg.r0, seg.r1, rpr):
-                        r1 = min(seg.r1, r0 + rpr)
-                        yield _Task(t, seg, r0, r1, (0, m), "thr", m, last=r1 == seg.r1)
+                yield from self.threshold_tasks(t, fuse[0], rpr)
             chunks = [(s, r0, min(s.r1, r0 + rpr)) for s in segs for r0 in range(s.r0, s.r1, rpr)]
             if not chunks:  # zero-size tensor
                 yield _Task(t, Segment(0, 0, "copy"), 0, 0, (), "main", first=True, last=True)
@@ -151,10 +147,7 @@ class _Engine:
     def _delta(self, t: TensorPlan, m: int, raw: torch.Tensor, base_f: torch.Tensor, rows: int,
                out: torch.Tensor) -> torch.Tensor:
         """Δ_m for the rows (float32, into ``out``)."""
-        s = self.ws.get("spec", base_f.numel())
-        s.copy_(_typed(raw, t.inputs[m], rows))
-        torch.sub(s, base_f, out=out)
-        return out
+        return out.copy_(_typed(raw, t.inputs[m], rows)).sub_(base_f)
 
     # ---------------------------------------------------------------- per task
     def _sub_chunks(self, task: _Task, raws: dict[int, torch.Tensor]):
@@ -169,20 +162,72 @@ class _Engine:
                 sub[i] = raw[(r0 - task.r0) * rb : (r1 - task.r0) * rb]
             yield r0, r1, sub
 
+    def threshold_tasks(self, t: TensorPlan, seg: Segment, rpr: int) -> Iterator[_Task]:
+        """Pass 1 (TIES' thresholds) over the fused rows: one read of θ₀ and of every active specialist. First a
+        sample of rows spread over the tensor (stage "probe", about PROBE_ELEMS elements in 16 runs of rows, each
+        at the start of a DARE random block where it can be, so the sample draws few random numbers), then the
+        rows between them (stage "thr"); every row exactly once."""
+        active = tuple(m for m in range(1, self.M + 1) if t.alphas[m - 1] != 0)
+        if not active:
+            return
+        reads = (0, *active)
+        rows = seg.r1 - seg.r0
+        n = rows * t.row_numel
+        probes: list[tuple[int, int]] = []
+        if n > _methods.HOLD_ELEMS:
+            runs = 16
+            run_rows = max(1, _methods.PROBE_ELEMS // runs // t.row_numel)
+            for i in range(runs):
+                e = (seg.r0 * t.row_numel + i * n // runs) // DARE_BLOCK * DARE_BLOCK  # a DARE block start
+                r0 = max(-(-e // t.row_numel), probes[-1][1] if probes else seg.r0)
+                r1 = min(seg.r1, r0 + run_rows)
+                if r0 < r1:
+                    probes.append((r0, r1))
+        tasks = [_Task(t, seg, r0, r1, reads, "probe", 0, last=k == len(probes) - 1) for k, (r0, r1) in enumerate(probes)]
+        gaps, prev = [], seg.r0
+        for r0, r1 in [*probes, (seg.r1, seg.r1)]:
+            gaps += [(g, min(r0, g + rpr)) for g in range(prev, r0, rpr)]
+            prev = r1
+        tasks += [_Task(t, seg, r0, r1, reads, "thr", 0) for r0, r1 in gaps]
+        self.pass1_left[t.name] = len(tasks)
+        yield from tasks
+
     def run_thr(self, task: _Task, raws: dict[int, torch.Tensor]) -> None:
-        t, m = task.tensor, task.spec
-        seg = task.seg
+        t, seg = task.tensor, task.seg
+        active = task.reads[1:]
         n_fused = (seg.r1 - seg.r0) * t.row_numel
+        probe = task.stage == "probe"
         for r0, r1, sub in self._sub_chunks(task, raws):
             rows = r1 - r0
             n = rows * t.row_numel
             base_f = self.ws.get("base", n)
             base_f.copy_(_typed(sub[0], t.inputs[0], rows))
-            d = self._delta(t, m, sub[m], base_f, rows, self.ws.get(("d", m), n))
+            for m in active:
+                d = self._delta(t, m, sub[m], base_f, rows, self.ws.get(("d", m), n))
+                self.method.drop(self.plan.names[m], t.name, r0 * t.row_numel, d)
+                self.method.threshold_rows(m, (r0 - seg.r0) * t.row_numel, d, n_fused, probe)
+        if probe and task.last:
+            for m in active:
+                self.method.threshold_probed(m)
+        self.pass1_left[t.name] -= 1
+        if not self.pass1_left[t.name]:
+            del self.pass1_left[t.name]
+            for m in active:
+                self.method.threshold_done(m, n_fused, lambda m=m: self._reread_abs(t, seg, m))
+
+    def _reread_abs(self, t: TensorPlan, seg: Segment, m: int) -> Iterator[torch.Tensor]:
+        """|Δ_m| over the fused rows once more, read synchronously (only where a sampled bracket missed)."""
+        rpc = self.rows_per_chunk(t)
+        for r0 in range(seg.r0, seg.r1, rpc):
+            r1 = min(seg.r1, r0 + rpc)
+            rows = r1 - r0
+            n = rows * t.row_numel
+            base_f = self.ws.get("reread_base", n)
+            base_f.copy_(_typed(read_rows(t.inputs[0], r0, r1), t.inputs[0], rows))
+            d = self.ws.get("reread_d", n)
+            torch.sub(_typed(read_rows(t.inputs[m], r0, r1), t.inputs[m], rows), base_f, out=d)
             self.method.drop(self.plan.names[m], t.name, r0 * t.row_numel, d)
-            self.method.threshold_rows(m, (r0 - seg.r0) * t.row_numel, d, n_fused)
-        if task.last:
-            self.method.threshold_done(m, n_fused)
+            yield d.abs_()
 
     def run_main(self, task: _Task, raws: dict[int, torch.Tensor]) -> int:
         t, seg = task.tensor, task.seg
@@ -233,8 +278,7 @@ class _Engine:
         # the task vectors of these rows as one contiguous [M, n] float32 matrix (cache-sized: see chunk_mb)
         D = self.ws.get("D", M * n).view(M, n)
         for m in range(1, M + 1):
-            D[m - 1].copy_(_typed(raws[m], t.inputs[m], rows))
-            D[m - 1].sub_(base_f)
+            D[m - 1].copy_(_typed(raws[m], t.inputs[m], rows)).sub_(base_f)
         # squared norms and pairwise dots of the raw task vectors in one GEMM; also a free NaN/inf check of
         # every input (Δ = θ_m − θ₀ is non-finite wherever θ_m or θ₀ is)
         gram = D @ D.T
@@ -318,7 +362,7 @@ def _run(plan: Plan, writer: ShardedWriter | None, diagnose_only: bool) -> tuple
                 break
             task, sid, raws = item
             try:
-                if task.stage == "thr":
+                if task.stage != "main":
                     engine.run_thr(task, raws)
                 else:
                     written = engine.run_main(task, raws)

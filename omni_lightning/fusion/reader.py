@@ -147,6 +147,25 @@ class _Reader:
         return h.hexdigest()
 
 
+def read_rows(info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of one input tensor, read synchronously (raw bytes, uint8)."""
+    item = DTYPES[info.dtype][1] * info.row_numel
+    nbytes = (r1 - r0) * item
+    buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+    mv = memoryview(buf.numpy())
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        got = 0
+        while got < nbytes:
+            n = os.preadv(fd, [mv[got:]], info.offset + r0 * item + got)
+            if n <= 0:
+                raise FusionError(f"{info.file}: tensor {info.name}: unexpected end of file (truncated?)")
+            got += n
+    finally:
+        os.close(fd)
+    return buf
+
+
 def _typed(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
     return raw.view(DTYPES[info.dtype][0]).reshape(rows * info.row_numel)
 
