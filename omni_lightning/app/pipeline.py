@@ -7,10 +7,12 @@ Stages, in order (each writes one output under ``OUT``)::
     pretrain      stage 0: θ₀ learns to read and see              OUT/base        (or base.model is θ₀)
     data          the demo corpus (or the given shards)           OUT/data
     specialist-M  one per modality M, from θ₀                      OUT/specialists/M
+    joint-N       (after the specialists; listed below)
     fuse          task arithmetic + diagnostics                    OUT/fused
     recover       projector recovery                               OUT/recovered   (recover: null skips it)
     rehearse      balanced multi-modal rehearsal                   OUT/final       (rehearse: null skips it)
-    sweep-…       control: fusion with other coefficients          OUT/sweep/<α overrides>
+    joint-N       joint-training baseline N from θ₀                OUT/joint/N     (joint: {} skips them)
+    grid          α grid scored on the diagnostic split             OUT/grid        (fuse.grid: null skips it)
     eval          every model on every modality                    OUT/eval/<model>.json
     report        report.md, report.json, report.png               OUT/
 
@@ -34,13 +36,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from omni_lightning.app.fit import lightning_cli
+from omni_lightning.app.grid import GridConfig, run_grid
 from omni_lightning.app.report import DRIFT_MODELS, drift_rows, write_report
 from omni_lightning.demo import init_demo_model, make_demo_data
 from omni_lightning.evaluation import evaluate_model
-from omni_lightning.fusion import format_diagnostics, fuse, load_config
+from omni_lightning.fusion import FuseConfig, format_diagnostics, fuse, load_config
 from omni_lightning.modalities import SPECIALISTS
 from omni_lightning.model.config import CONFIG_NAME
 from omni_lightning.utils import atomic_write_text
@@ -68,6 +72,7 @@ class DataSettings:
     seed: int = 0
     n_train: int = 1200
     n_eval: int = 300
+    n_diag: int = 200  # the diagnostic split the α grid is scored on (0: none)
     pretrain_n_train: int = 1200  # stage-0 corpus sizes
     pretrain_n_eval: int = 300
 
@@ -76,8 +81,7 @@ class DataSettings:
 class FuseSettings:
     config: str = "fuse.yaml"
     alpha: dict[str, float] = field(default_factory=lambda: {"image": 0.3, "video": 0.3, "document": 0.3, "audio": 0.5})
-    # controls: re-fuse with some coefficients overridden (e.g. {audio: 1.0}) and evaluate each result
-    sweep: list[dict[str, float]] = field(default_factory=list)
+    grid: str | None = "fuse-grid.yaml"  # the α grid on the diagnostic split (null: none)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class EvalSettings:
 class Budget:
     """Overrides for every fit stage (null: the stage config's value). For smoke runs and tests."""
 
+    seed: int | None = None  # seed_everything of every fit (null: each config's own)
     steps_per_epoch: int | None = None
     max_epochs: int | None = None
     batch_size: int | None = None
@@ -107,21 +112,13 @@ class PipelineConfig:
     base: BaseSettings = field(default_factory=BaseSettings)
     data: DataSettings = field(default_factory=DataSettings)
     specialists: dict[str, str] = field(default_factory=lambda: {m: f"specialist/{m}.yaml" for m in SPECIALISTS})
+    # joint-training baselines (name -> fit config), each given the specialists' steps of its modalities combined
+    joint: dict[str, str] = field(default_factory=lambda: {"vision": "joint/vision.yaml", "all": "joint/all.yaml"})
     fuse: FuseSettings = field(default_factory=FuseSettings)
     recover: str | None = "recover.yaml"  # null: no projector recovery (e.g. no audio specialist)
     rehearse: str | None = "rehearse.yaml"  # null: no rehearsal
     eval: EvalSettings = field(default_factory=EvalSettings)
     budget: Budget = field(default_factory=Budget)
-
-
-def sweep_tag(override: dict[str, float]) -> str:
-    """``{"audio": 1.0}`` → ``"audio1"`` (stage ``sweep-audio1``, folder ``OUT/sweep/audio1``)."""
-    return "-".join(f"{k}{v:g}" for k, v in override.items())
-
-
-def sweep_label(override: dict[str, float]) -> str:
-    """The report's row name of a sweep model, e.g. ``sweep: α audio=1``."""
-    return "sweep: α " + ", ".join(f"{k}={v:g}" for k, v in override.items())
 
 
 class PipelineError(RuntimeError):
@@ -146,8 +143,17 @@ def model_dir_complete(path: Path) -> bool:
     )
 
 
-def data_complete(root: Path, modalities) -> bool:
-    return all((root / m / s / "index.json").is_file() for m in modalities for s in ("train", "eval"))
+def data_complete(root: Path, modalities, splits=("train", "eval")) -> bool:
+    return all((root / m / s / "index.json").is_file() for m in modalities for s in splits)
+
+
+def fit_config(name: str) -> dict[str, Any]:
+    return yaml.safe_load(config_path(name).read_text()) or {}
+
+
+def joint_label(modalities: list[str]) -> str:
+    """The report's row name of a joint baseline, e.g. ``joint: image+video+document``."""
+    return "joint: " + "+".join(modalities)
 
 
 def fingerprint(path: Path) -> str:
@@ -209,7 +215,22 @@ class Pipeline:
             rows["recovered"] = self.out / "recovered"
         if self.cfg.rehearse:
             rows["final (rehearsed)"] = self.out / "final"
+        rows.update({joint_label(self.joint_modalities(n)): self.out / "joint" / n for n in self.cfg.joint})
         return rows
+
+    def joint_modalities(self, name: str) -> list[str]:
+        return list(fit_config(self.cfg.joint[name])["data"]["init_args"]["modalities"])
+
+    def joint_steps(self, name: str) -> int:
+        """The specialists' training steps for the joint baseline's modalities, combined (budget overrides apply)."""
+        b, total = self.cfg.budget, 0
+        for m in self.joint_modalities(name):
+            if m not in self.cfg.specialists:
+                raise ValueError(f"joint baseline {name!r} trains {m}, which has no specialist to match its steps")
+            spec = fit_config(self.cfg.specialists[m])
+            steps = b.steps_per_epoch or spec["data"]["init_args"]["steps_per_epoch"]
+            total += steps * (b.max_epochs or spec["trainer"]["max_epochs"])
+        return total
 
     # fit arguments
     def fit_args(self, config: str, model: Path, export: Path, data_root: Path, name: str) -> list[str]:
@@ -225,15 +246,17 @@ class Pipeline:
             args += ["--trainer.logger", json.dumps(logger)]
         else:
             args += ["--trainer.logger", "false"]
-        for key, value in (("data.init_args.steps_per_epoch", b.steps_per_epoch), ("trainer.max_epochs", b.max_epochs),
+        for key, value in (("seed_everything", b.seed),
+                           ("data.init_args.steps_per_epoch", b.steps_per_epoch), ("trainer.max_epochs", b.max_epochs),
                            ("data.init_args.batch_size", b.batch_size), ("data.init_args.val_batches", b.val_batches),
                            ("data.init_args.num_workers", b.num_workers)):
             if value is not None:
                 args += [f"--{key}", str(value)]
         return args
 
-    def _fit(self, config: str, model: Path, export: Path, data_root: Path, name: str) -> Stage:
-        args = self.fit_args(config, model, export, data_root, name)
+    def _fit(self, config: str, model: Path, export: Path, data_root: Path, name: str,
+             extra: list[str] | None = None) -> Stage:
+        args = self.fit_args(config, model, export, data_root, name) + list(extra or [])
 
         def run() -> None:
             lightning_cli(args)
@@ -262,53 +285,66 @@ class Pipeline:
                 stages.append(self._fit(cfg.base.pretrain, init, out / "base", pdata, "pretrain"))
         if not cfg.data.root:
             stages.append(self._data_stage("data", out / "data", "recipe", cfg.data.n_train, cfg.data.n_eval,
-                                           ("text", *SPECIALISTS)))
+                                           ("text", *SPECIALISTS), cfg.data.n_diag))
         for m, conf in cfg.specialists.items():
             stages.append(self._fit(conf, self.base_dir, out / "specialists" / m, self.data_root, f"specialist-{m}"))
+        for n, conf in cfg.joint.items():  # one epoch of the specialists' steps combined (later flags win)
+            steps = ["--data.init_args.steps_per_epoch", str(self.joint_steps(n)), "--trainer.max_epochs", "1"]
+            stages.append(self._fit(conf, self.base_dir, out / "joint" / n, self.data_root, f"joint-{n}", steps))
         stages.append(self._fuse_stage("fuse", out / "fused", cfg.fuse.alpha))
+        if cfg.fuse.grid:
+            stages.append(self._grid_stage(out / "grid"))
         start = out / "fused"
         if cfg.recover:
             stages.append(self._fit(cfg.recover, start, out / "recovered", self.data_root, "recover"))
             start = out / "recovered"
         if cfg.rehearse:  # from the recovered model, or straight from the fused one when recovery is skipped
             stages.append(self._fit(cfg.rehearse, start, out / "final", self.data_root, "rehearse"))
-        for override in cfg.fuse.sweep:
-            unknown = set(override) - set(cfg.fuse.alpha)
-            if unknown:
-                raise ValueError(f"fuse.sweep entry {override} names {sorted(unknown)}, not in fuse.alpha")
-            tag = sweep_tag(override)
-            stages.append(self._fuse_stage(f"sweep-{tag}", out / "sweep" / tag, {**cfg.fuse.alpha, **override}))
         return stages
 
-    def _data_stage(self, name: str, root: Path, corpus: str, n_train: int, n_eval: int, mods) -> Stage:
+    def _data_stage(self, name: str, root: Path, corpus: str, n_train: int, n_eval: int, mods, n_diag: int = 0
+                    ) -> Stage:
         seed = self.cfg.data.seed
 
         def run() -> None:
             make_demo_data(root, seed=seed, n_train=n_train, n_eval=n_eval, corpus=corpus, overwrite=True,
-                           progress=True)
+                           progress=True, n_diag=n_diag)
 
-        inputs = {"corpus": corpus, "seed": seed, "n_train": n_train, "n_eval": n_eval}
-        return Stage(name, root, inputs, run, lambda: data_complete(root, mods))
+        inputs = {"corpus": corpus, "seed": seed, "n_train": n_train, "n_eval": n_eval, "n_diag": n_diag}
+        splits = ("train", "eval", "diag") if n_diag else ("train", "eval")
+        return Stage(name, root, inputs, run, lambda: data_complete(root, mods, splits))
 
-    def _fuse_stage(self, name: str, out_dir: Path, alpha: dict[str, float]) -> Stage:
+    def _fuse_config(self, out_dir: Path, alpha: dict[str, float]) -> FuseConfig:
         names = list(self.cfg.specialists)
         missing = [m for m in names if m not in alpha]
         if missing:
             raise ValueError(f"fuse.alpha has no coefficient for specialists {missing}")
-        specs = [self.out / "specialists" / m for m in names]
+        return load_config(config_path(self.cfg.fuse.config), {
+            "base": str(self.base_dir), "specialists": [str(self.out / "specialists" / m) for m in names],
+            "names": names, "alpha": [float(alpha[m]) for m in names], "out": str(out_dir), "overwrite": True,
+            "progress": False})
+
+    def _fusion_inputs(self) -> dict[str, Any]:
+        return {"base": self.base_dir, **{f"specialist-{m}": self.out / "specialists" / m for m in self.cfg.specialists},
+                "alpha": self.cfg.fuse.alpha, "config": config_path(self.cfg.fuse.config)}
+
+    def _fuse_stage(self, name: str, out_dir: Path, alpha: dict[str, float]) -> Stage:
+        self._fuse_config(out_dir, alpha)  # a missing coefficient is an error before anything runs
 
         def run() -> None:
-            conf = load_config(config_path(self.cfg.fuse.config), {
-                "base": str(self.base_dir), "specialists": [str(s) for s in specs], "names": names,
-                "alpha": [float(alpha[m]) for m in names], "out": str(out_dir), "overwrite": True, "progress": False,
-            })
-            result = fuse(conf)
-            if name == "fuse":
-                print(format_diagnostics(result.diagnostics))
+            print(format_diagnostics(fuse(self._fuse_config(out_dir, alpha)).diagnostics))
 
-        inputs = {"base": self.base_dir, **{f"specialist-{m}": s for m, s in zip(names, specs)},
-                  "alpha": alpha, "config": config_path(self.cfg.fuse.config)}
-        return Stage(name, out_dir, inputs, run, lambda: model_dir_complete(out_dir))
+        return Stage(name, out_dir, self._fusion_inputs(), run, lambda: model_dir_complete(out_dir))
+
+    def _grid_stage(self, out_dir: Path) -> Stage:
+        grid_file = config_path(self.cfg.fuse.grid)
+
+        def run() -> None:
+            run_grid(self._fuse_config(out_dir / "fused", self.cfg.fuse.alpha), GridConfig.load(grid_file),
+                     self.data_root, out_dir)
+
+        inputs = {**self._fusion_inputs(), "grid": grid_file, "data": self.data_root}
+        return Stage("grid", out_dir, inputs, run, lambda: (out_dir / "grid.json").is_file())
 
     # running
     def _fingerprints(self, stage: Stage) -> dict[str, Any]:
@@ -369,11 +405,9 @@ class Pipeline:
         model's fingerprint (re-evaluated when the model or the eval settings change, or with ``--force eval``)."""
         e = self.cfg.eval
         settings = asdict(e) | {"data": fingerprint(self.data_root)}
-        models = dict(self.models())
-        models.update({sweep_label(o): self.out / "sweep" / sweep_tag(o) for o in self.cfg.fuse.sweep})
         results = {}
-        for name, d in models.items():
-            mods = [m for m in e.modalities if m != "text"] if name.startswith("sweep") else e.modalities
+        for name, d in self.models().items():
+            mods = e.modalities
             results[name] = self._cached(
                 re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_"), {"model": fingerprint(d), "settings": settings},
                 f"{name} ({d})", lambda d=d, mods=mods: evaluate_model(
@@ -414,8 +448,8 @@ def parser():
     p.add_class_arguments(PipelineConfig, nested_key=None, fail_untyped=True, sub_configs=True)
     p.add_argument("--force", type=str, default="",
                    help="redo these stages and everything downstream of them: comma-separated stage names "
-                   "(init, pretrain-data, pretrain, data, specialist-<modality>, fuse, recover, rehearse, "
-                   "sweep-<α overrides>, eval), 'specialists' or 'all'")
+                   "(init, pretrain-data, pretrain, data, specialist-<modality>, joint-<name>, fuse, grid, recover, "
+                   "rehearse, eval), 'specialists' or 'all'")
     return p
 
 

@@ -78,7 +78,7 @@ DEMO_TASKS = {
     "document": "demo_document_t2d",
     "audio": "demo_audio_t2a",
 }
-_SPLIT_CODE = {"train": 0, "eval": 1}
+_SPLIT_CODE = {"train": 0, "eval": 1, "diag": 2}  # diag: for choosing settings (α), never eval
 _MOD_CODE = {m: i for i, m in enumerate(MODALITIES)}
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -245,7 +245,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class _DigitPool:
-    """Source digits per class, split into disjoint train / eval pools by the seed."""
+    """Source digits per class, split into disjoint train / eval pools by the seed (``diag`` draws new instances
+    from the train pool: settings chosen on it never see an eval source digit)."""
 
     def __init__(self, seed: int, split: str):
         images, target = _digits()
@@ -496,8 +497,11 @@ def demo_samples(modality: str, split: str, n: int, *, seed: int = 0, n_train: i
 
 def make_demo_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 1200, n_eval: int = 300,
                    modalities: Sequence[str] | None = None, overwrite: bool = False, max_per_shard: int = 400,
-                   progress: bool = False, workers: int | None = 2, corpus: str = "recipe") -> dict[str, Any]:
-    """Write the demo corpus to ``out_dir/<modality>/{train,eval}/`` and ``out_dir/demo.json``.
+                   progress: bool = False, workers: int | None = 2, corpus: str = "recipe",
+                   n_diag: int = 0) -> dict[str, Any]:
+    """Write the demo corpus to ``out_dir/<modality>/{train,eval}/`` and ``out_dir/demo.json``; with ``n_diag``,
+    also a ``diag`` split (new instances of train-pool source digits, disjoint from train and eval samples) for
+    choosing settings such as the fusion coefficients without looking at eval.
 
     Deterministic: the same arguments give byte-identical shards. Defaults: 1200 train samples per modality
     (3 shards of 400) and 300 eval samples (1 shard). Existing split directories are refused unless
@@ -513,10 +517,10 @@ def make_demo_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 120
     bad = [m for m in modalities if m not in allowed]
     if bad:
         raise ValueError(f"unknown modalities {bad} for the {corpus} corpus; expected a subset of {allowed}")
-    if n_train < 1 or n_eval < 0:
-        raise ValueError(f"n_train must be >= 1 and n_eval >= 0 (got {n_train}, {n_eval})")
+    if n_train < 1 or n_eval < 0 or n_diag < 0:
+        raise ValueError(f"n_train must be >= 1 and n_eval, n_diag >= 0 (got {n_train}, {n_eval}, {n_diag})")
     root = Path(out_dir)
-    splits = [("train", n_train)] + ([("eval", n_eval)] if n_eval > 0 else [])
+    splits = [("train", n_train)] + [(s, n) for s, n in (("eval", n_eval), ("diag", n_diag)) if n > 0]
     if not overwrite:
         existing = [str(split_dir(root, m, s)) for m in modalities for s, _ in splits if split_dir(root, m, s).exists()]
         if existing:
@@ -548,7 +552,7 @@ def make_demo_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 120
 
         with ThreadPoolExecutor(max_workers=workers) as ex:
             results = list(ex.map(run, jobs))
-    summary: dict[str, Any] = {"seed": seed, "corpus": corpus, "n_train": n_train, "n_eval": n_eval,
+    summary: dict[str, Any] = {"seed": seed, "corpus": corpus, "n_train": n_train, "n_eval": n_eval, "n_diag": n_diag,
                                "max_per_shard": max_per_shard, "modalities": {}}
     for m in modalities:
         if corpus == "pretrain" and m == "image":

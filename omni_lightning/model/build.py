@@ -72,12 +72,16 @@ PRESETS = {"tiny": TINY, "small": SMALL}
 
 
 def train_tiny_tokenizer(corpus: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``corpus`` with the Qwen vision special tokens."""
+    """A byte-level BPE tokenizer trained on ``corpus`` with the Qwen vision special tokens. Every digit is its own
+    token, as in the Qwen tokenizers: a number is composed from its digits instead of being one opaque token
+    (with one token per two-digit number, the tiny document specialist reached about 0.1 R@1 where split digits
+    gave about 0.6 in a stage-0 experiment)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
