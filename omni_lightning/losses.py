@@ -16,7 +16,7 @@ One loss (InfoNCE) with the options the recipe and its users need:
 * GradCache (:func:`grad_cache_step`): embeddings are first computed chunk by chunk without a graph, the loss
   and its gradient w.r.t. the embeddings are computed on the cached embeddings, and each chunk is re-encoded
   with a graph and back-propagated with its cached gradient. Parameter gradients equal the full-batch ones
-  while activation memory is bounded by one chunk.
+  while activation memory is bounded by one chunk, under every precision (a loss scale is applied once).
 """
 
 from __future__ import annotations
@@ -201,8 +201,14 @@ def grad_cache_step(
             cached.append(torch.cat(embs, 0))
     leaves = [e.detach().requires_grad_(True) for e in cached]
     loss = loss_fn(*leaves)
-    backward(loss)  # also reaches any parameter of the loss itself (learnable temperature)
-    grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+    # The cached gradients dL/de are taken with plain autograd, unscaled: ``backward`` may scale what it
+    # back-propagates (Lightning's 16-mixed GradScaler multiplies by its scale S), and the re-forwards below go
+    # through ``backward`` again, so a scaled dL/de would carry S twice (an S-times too large update, or a step
+    # skipped as overflow). ``backward(loss)`` still runs, once, for any parameter of the loss itself
+    # (learnable temperature), which then carries the scale exactly once like every model parameter.
+    grads = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves)]
+    backward(loss)
 
     if needs_grad is not None:
         jobs = [job for job in jobs if needs_grad(job[1])]

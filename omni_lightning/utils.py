@@ -5,16 +5,22 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 
 @functools.cache
-def readable_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (0o666 less the umask); mkstemp's is 0o600. Read once:
-    the umask can only be read by setting it, which for an instant applies 0 to files other threads create."""
+def _umask() -> int:
+    """The process's umask, read once: it can only be read by setting it, which for an instant applies 0 to
+    files other threads create."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def readable_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -31,3 +37,51 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_savefig(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure to ``path`` through a temporary file in the same folder and a rename; closes it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.chmod(tmp, readable_mode())  # mkstemp makes it private; a figure is for reading
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def dir_mode() -> int:
+    """The mode a plain ``mkdir()`` would give a new folder (0o777 less the umask); mkdtemp's is 0o700."""
+    return 0o777 & ~_umask()
+
+
+def check_output_apart(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], what: str) -> Path:
+    """Refuse an ``output`` folder that equals, contains or lies inside any of ``inputs`` (symlinks resolved).
+
+    ``inputs`` maps a name for the message (``"model"``, ``"data root"``) to a path; ``None`` entries are
+    ignored. ``what`` names the output in the message (``"model.init_args.export_dir"``, ``"--out"``). Call it
+    before anything is read or written: replacing such an output would delete or corrupt an input. Returns the
+    resolved output path.
+    """
+    out = Path(output).expanduser().resolve()
+    for name, path in inputs.items():
+        if path is None or str(path) == "":
+            continue
+        p = Path(path).expanduser().resolve()
+        if out == p:
+            how = "is"
+        elif out in p.parents:
+            how = "contains"
+        elif p in out.parents:
+            how = "lies inside"
+        else:
+            continue
+        raise ValueError(f"{what} {output} ({out}) {how} the {name} {path} ({p}): writing it would delete or "
+                         f"change an input. Choose an output folder apart from every input")
+    return out

@@ -33,6 +33,10 @@
 #     OMNI_MEM            memory per node [#SBATCH: 0 = all of it]
 #     OMNI_TIME           wall-clock limit of each submitted job [#SBATCH of each script]
 #   training
+#     OMNI_CHECKPOINT_EVERY  save a resumable checkpoint every this many steps (0: only on preemption) [200]
+#     OMNI_RESUME         1: a new job of a phase resumes from the newest checkpoint of its earlier jobs that
+#                         loads (a job killed by kill -9, OOM or a node failure); 0: start afresh [1]
+#     OMNI_OVERWRITE      1: replace the phase's existing output model directory [0: an existing one is an error]
 #     OMNI_STRATEGY       Lightning strategy [the config's: DDP across all tasks when there are several];
 #                         e.g. ddp_find_unused_parameters_true (rehearsal under DDP); sharded ones (fsdp)
 #                         are refused while the fit exports a model directory (see README, SLURM)
@@ -51,7 +55,9 @@
 #   every task: no B: prefix) and are requeueable (--requeue, --open-mode=append). The Preemption callback in
 #   the configs saves $OMNI_OUT/lightning/<job>/job-$SLURM_JOB_ID/hpc_ckpt_<n>.ckpt at the end of the current
 #   batch and runs `scontrol requeue`; the requeued job (same id, same folder) resumes from it. A job that is
-#   preempted (SIGTERM) saves the same way and SLURM requeues it.
+#   preempted (SIGTERM) saves the same way and SLURM requeues it. Between signals the callback also saves every
+#   OMNI_CHECKPOINT_EVERY steps (keeping the newest two), so a job killed without warning loses at most that
+#   many steps: submitting the phase again resumes from the newest checkpoint of its earlier jobs that loads.
 
 set -euo pipefail
 
@@ -67,6 +73,9 @@ omni_defaults() {
   export OMNI_DATA="${OMNI_DATA:-${OMNI_OUT}/data}"
   export OMNI_WANDB="${OMNI_WANDB:-1}"
   export OMNI_WANDB_OSH="${OMNI_WANDB_OSH:-0}"
+  export OMNI_CHECKPOINT_EVERY="${OMNI_CHECKPOINT_EVERY:-200}"
+  export OMNI_RESUME="${OMNI_RESUME:-1}"
+  export OMNI_OVERWRITE="${OMNI_OVERWRITE:-0}"
   export WANDB_MODE="${WANDB_MODE:-offline}"
   export WANDB_PROJECT="${WANDB_PROJECT:-omni-lightning}"
   # W&B stages logged tables and their media here until `wandb sync` uploads them: keep it on the shared file
@@ -172,6 +181,29 @@ omni_need_model() {
     "set the variable that names it (see slurm/common.sh) or run the phase that writes it"
 }
 
+# Where a new job of phase NAME resumes (sets OMNI_RESUME_FROM, empty for a fresh start):
+#   omni_resume_point NAME ROOT [fit overrides...]
+# A requeued job finds its own checkpoints in ROOT (Lightning resumes from them by itself); a new job, when
+# OMNI_RESUME=1 and no --ckpt_path is among the overrides, takes the newest checkpoint of the phase's earlier
+# jobs that loads (one that does not is named and skipped).
+omni_resume_point() {
+  local name="$1" root="$2"
+  shift 2
+  OMNI_RESUME_FROM=""
+  [[ "${OMNI_RESUME}" == 1 ]] || return 0
+  local a
+  for a in "$@"; do [[ "${a}" == --ckpt_path || "${a}" == --ckpt_path=* ]] && return 0; done
+  compgen -G "${root}/hpc_ckpt_*.ckpt" >/dev/null && return 0
+  local dirs=() d
+  for d in "${OMNI_OUT}/lightning/${name}"/job-*; do
+    [[ -d "${d}" && "${d}" != "${root}" ]] && compgen -G "${d}/hpc_ckpt_*.ckpt" >/dev/null && dirs+=("${d}")
+  done
+  [[ ${#dirs[@]} -gt 0 ]] || return 0
+  OMNI_RESUME_FROM="$("${OMNI_PYTHON}" -m omni_lightning.callbacks.preemption newest "${dirs[@]}")" ||
+    omni_die "could not look for checkpoints in ${dirs[*]}"
+  return 0
+}
+
 # One training phase on every task of the job:
 #   omni_fit NAME PHASE CONFIG MODEL_DIR EXPORT_DIR [fit overrides...]
 # NAME names the run (W&B name, log folder, checkpoint folder), PHASE is the job type (specialist, recover, ...).
@@ -199,7 +231,13 @@ omni_fit() {
     args+=(--trainer.logger.init_args.save_dir "${OMNI_OUT}/logs")
   fi
   if [[ -n "${OMNI_STRATEGY:-}" ]]; then args+=(--trainer.strategy "${OMNI_STRATEGY}"); fi
+  if [[ "${OMNI_OVERWRITE}" == 1 ]]; then args+=(--model.init_args.export_overwrite true); fi
   mkdir -p "${root}"
+  omni_resume_point "${name}" "${root}" "$@"
+  if [[ -n "${OMNI_RESUME_FROM}" ]]; then
+    echo "omni-lightning ${name}: resuming from ${OMNI_RESUME_FROM} (an earlier job of this phase)"
+    args+=(--ckpt_path "${OMNI_RESUME_FROM}")
+  fi
   echo "omni-lightning ${name}: ${model} -> ${export_dir} (checkpoints in ${root})"
   # overrides given to the script come last, so they win
   srun --kill-on-bad-exit=1 "${OMNI_BIN}" "${args[@]}" "$@"

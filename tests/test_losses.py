@@ -652,3 +652,19 @@ def test_grad_cache_no_sync_and_backward_hooks(chunk):
     # The custom backward is used for the loss (first) and once per chunk.
     assert backwards == [False] + [True] * (n_jobs - 1) + [False]
     assert crit.log_inv_temperature.grad is not None  # the loss's own parameter got its gradient
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
+def test_grad_cache_applies_a_scaling_backward_once(scale):
+    """A ``backward`` that scales what it back-propagates (the 16-mixed GradScaler through manual_backward) must
+    leave gradients scaled exactly once, as a plain backward through it would: not scale² (the cached
+    embedding gradients must not carry the scale into the re-forwards' backward)."""
+    model, crit, xq, xp, _ = _gc_setup(learnable=True)
+    model.eval()
+    (crit(model(xq), model(xp)) * scale).backward()  # full batch, the loss's temperature included
+    ref_grads = _grads(model, crit)
+    model.zero_grad()
+    crit.zero_grad()
+    grad_cache_step(model, [_split(xq, 4), _split(xp, 4)], _loss_fn(crit, False),
+                    backward=lambda t: (t * scale).backward())
+    assert_grads_close(_grads(model, crit), ref_grads, rtol=1e-5)

@@ -272,6 +272,35 @@ def test_preempted_job_is_requeued_and_resumes_bitwise(preempted_specialist_job,
     assert_same_weights(load_safetensors_dir(out / "specialists/image"), reference_run)
 
 
+def test_a_killed_job_is_resumed_by_the_next_submission_from_the_newest_checkpoint_that_loads(
+        tiny_model_dir, demo_root, tmp_path, reference_run):
+    """kill -9 gives no chance to save: the periodic checkpoints (every step here) are what survives. The newest
+    is truncated (a kill mid-write on a file system without atomic rename); a new submission of the phase takes
+    the newest one that loads from the killed job's folder and ends bitwise equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    common = dict(FAKE_SLURM_RUN="1", FAKE_SLURM_ARRAY_TASKS="0", OMNI_OUT=str(out), OMNI_BASE=str(tiny_model_dir),
+                  OMNI_DATA=str(demo_root), OMNI_CHECKPOINT_EVERY="1", OMNI_WANDB="0")
+    env = slurm_env(tmp_path, **common, SEND_SIGNAL="SIGKILL", SEND_SIGNAL_AT_STEP="2")
+    subprocess.run(["sbatch", str(SLURM / "specialist.sh"), *SMALL_FIT, "--trainer.callbacks+=slurm_helpers.SendSignal"],
+                   cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    killed = out / "lightning/specialist-image/job-1001"
+    log = (tmp_path / "fake-slurm" / "job-1001.out").read_text()
+    assert "fake-slurm: job 1001 exited 137" in log, log[-3000:]
+    assert sorted(p.name for p in killed.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt"]
+    assert not (out / "specialists/image").exists()
+    newest = killed / "hpc_ckpt_2.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+
+    proc = subprocess.run(["sbatch", str(SLURM / "specialist.sh"), *SMALL_FIT], cwd=tmp_path,
+                          env=slurm_env(tmp_path, **common), capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "fake-slurm" / "job-1101.out").read_text()
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-4000:]
+    assert f"checkpoint {newest} does not load" in log
+    assert f"resuming from {killed / 'hpc_ckpt_1.ckpt'} (an earlier job of this phase)" in log
+    assert_same_weights(load_safetensors_dir(out / "specialists/image"), reference_run)
+    assert not (killed / "hpc_ckpt_1.ckpt").exists()  # the run's own checkpoints go once it completes
+
+
 def test_preempted_job_continues_its_wandb_run_which_holds_the_specialist_metrics(preempted_specialist_job,
                                                                                  demo_root, monkeypatch):
     from omni_lightning.app.cli import main

@@ -285,6 +285,7 @@ class BalancedStream(IterableDataset):
             batch["stream"] = {
                 "epoch": self.epoch, "local": local, "lane": lane, "num_lanes": W, "composition": comp,
                 "extra": {m: streams[m].extra for m in comp}, "skipped": self.skips.count,
+                "skip_reasons": dict(self.skips.per_reason),
             }
             yield batch
 
@@ -319,6 +320,8 @@ class StreamProgress:
         self.extras: dict[str, int] = {}
         self.mix = {m: 0 for m in schedule.modalities}
         self._skipped: dict[tuple[int, int], int] = {}
+        self._skip_reasons: dict[tuple[int, int], dict[str, int]] = {}
+        self._skip_base: dict[str, int] = {}  # skips by reason before the checkpoint this run resumed from
         self._pending: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- training side
@@ -331,11 +334,26 @@ class StreamProgress:
         for m, n in meta["composition"].items():
             self.mix[m] = self.mix.get(m, 0) + int(n)
         self._skipped[(int(meta["epoch"]), int(meta["lane"]))] = int(meta["skipped"])
+        self._skip_reasons[(int(meta["epoch"]), int(meta["lane"]))] = dict(meta.get("skip_reasons") or {})
 
     @property
     def skipped(self) -> int:
         """Samples skipped as corrupt/invalid by the streams of this run (all epochs and lanes)."""
-        return sum(self._skipped.values())
+        return sum(self._skipped.values()) + sum(self._skip_base.values())
+
+    @property
+    def skip_reasons(self) -> dict[str, int]:
+        """Skipped samples by reason (:func:`~omni_lightning.data.shards.read.skip_reason`), this run in all."""
+        out = dict(self._skip_base)
+        for reasons in self._skip_reasons.values():
+            for r, n in reasons.items():
+                out[r] = out.get(r, 0) + int(n)
+        return out
+
+    @property
+    def trained(self) -> int:
+        """Samples trained on so far (every modality)."""
+        return sum(self.mix.values())
 
     def mix_fractions(self) -> dict[str, float]:
         """Share of trained samples per modality so far (equal to the share of batches in within-modality mode)."""
@@ -383,7 +401,7 @@ class StreamProgress:
         return {
             "version": STATE_VERSION, "epoch": epoch, "next": nxt, "num_lanes": self.num_lanes,
             "steps_per_epoch": self.steps, "extras": extras, "mix": dict(self.mix),
-            "schedule": self.schedule.fingerprint(),
+            "schedule": self.schedule.fingerprint(), "skips": self.skip_reasons,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -402,6 +420,8 @@ class StreamProgress:
             )
         self._pending = dict(state)
         self.mix = {m: int(state.get("mix", {}).get(m, 0)) for m in self.schedule.modalities}
+        self._skip_base = {str(r): int(n) for r, n in (state.get("skips") or {}).items()}
+        self._skipped, self._skip_reasons = {}, {}
 
 
 __all__ = [

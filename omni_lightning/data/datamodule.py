@@ -44,6 +44,13 @@ from omni_lightning.modalities import MODALITIES
 from omni_lightning.model.processor import OmniProcessor
 
 
+SKIP_CHECK_MIN_SAMPLES = 200
+
+
+class TooManySkips(RuntimeError):
+    """More than ``max_skip_fraction`` of the training samples were skipped as corrupt or invalid."""
+
+
 class Collator:
     """Decoded samples of one modality → model inputs per side (chunked for GradCache when asked)."""
 
@@ -165,6 +172,9 @@ class OmniDataModule(LightningDataModule):
             across the modality streams by weight (at least 2 each).
         train_split, val_split: split names under each modality folder.
         seed: seeds the modality schedule and the streams.
+        max_skip_fraction: training stops (:class:`TooManySkips`, with the counts per reason) once more than this
+            share of the samples read was skipped as corrupt or invalid: checked from
+            ``SKIP_CHECK_MIN_SAMPLES`` samples on, and at the end of every training epoch whatever the count.
     """
 
     def __init__(
@@ -185,8 +195,12 @@ class OmniDataModule(LightningDataModule):
         train_split: str = "train",
         val_split: str = "eval",
         seed: int = 0,
+        max_skip_fraction: float = 0.05,
     ) -> None:
         super().__init__()
+        if not 0 <= max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1]; got {max_skip_fraction}")
+        self.max_skip_fraction = float(max_skip_fraction)
         unknown = [m for m in modalities if m not in MODALITIES]
         if not modalities or unknown:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}; got {modalities}")
@@ -296,9 +310,28 @@ class OmniDataModule(LightningDataModule):
             if self._progress is not None and (trainer is None or trainer.training):
                 self._progress.observe(meta)
                 batch["skipped"] = self._progress.skipped
+                self.check_skip_fraction(final=False)
                 if len(self.modalities) > 1:
                     batch["mix"] = self._progress.mix_fractions()
         return batch
+
+    def check_skip_fraction(self, final: bool = True) -> None:
+        """Raise :class:`TooManySkips` when more than ``max_skip_fraction`` of the training samples read so far
+        were skipped; ``final=False`` waits for ``SKIP_CHECK_MIN_SAMPLES`` samples (one bad sample among the
+        first few is no verdict on the data set)."""
+        p = self._progress
+        if p is None:
+            return
+        skipped, read = p.skipped, p.skipped + p.trained
+        if read == 0 or (not final and read < SKIP_CHECK_MIN_SAMPLES):
+            return
+        if skipped / read > self.max_skip_fraction:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(p.skip_reasons.items(), key=lambda x: -x[1]))
+            raise TooManySkips(
+                f"training stopped: {skipped} of {read} samples read ({skipped / read:.1%}) were skipped as corrupt or "
+                f"invalid, above data.init_args.max_skip_fraction={self.max_skip_fraction:g} (by reason: {reasons}). "
+                f"The data under {self.data_root} needs fixing (each skip is logged with its shard and sample; "
+                "check_shards validates a shard set), or raise max_skip_fraction to accept it")
 
     @property
     def mix(self) -> dict[str, float]:
@@ -360,4 +393,4 @@ class _StreamLoader(DataLoader):
         """Nothing to do: the datamodule has restored the position already (see the class docstring)."""
 
 
-__all__ = ["Collator", "EvalStream", "OmniDataModule", "modality_for_step", "stable_seed"]
+__all__ = ["Collator", "EvalStream", "OmniDataModule", "TooManySkips", "modality_for_step", "stable_seed"]

@@ -205,17 +205,33 @@ def validate_record(record: Any, members: Collection[str] | None, shard: Any, ke
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_finite(arr: np.ndarray, what: str) -> np.ndarray:
+    """Reject NaN/inf (a float WAV, a float array): such a sample would turn the loss into NaN."""
+    if arr.dtype.kind in "fc":
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise NonFiniteMedia(f"non-finite values: {bad} of {arr.size} {what} values are NaN or inf")
+    return arr
+
+
+class NonFiniteMedia(ValueError):
+    """Decoded media holding NaN/inf values (a corrupt sample)."""
+
+
 def _decode_image(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if im.mode == "F":  # 32-bit float pixels (e.g. a TIFF renamed .png) can hold NaN/inf
+            _check_finite(np.asarray(im), "image")
         arr = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
     return np.ascontiguousarray(arr)
 
 
 def _decode_video(data: bytes) -> np.ndarray:
     arr = np.load(io.BytesIO(data), allow_pickle=False)
+    _check_finite(arr, "video")
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or min(arr.shape) == 0:
         raise ValueError(f"array has dtype {arr.dtype} and shape {arr.shape}; expected uint8 [T, H, W, 3], T >= 1")
     if not arr.flags.writeable or not arr.flags.c_contiguous:  # np.load from bytes gives a read-only view
@@ -229,6 +245,7 @@ def _decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     if wav.shape[0] == 0:
         raise ValueError("audio has no samples")
+    _check_finite(wav, "audio")
     mono = wav.mean(axis=1, dtype=np.float32) if wav.shape[1] > 1 else wav[:, 0]
     return np.ascontiguousarray(mono, dtype=np.float32), int(sr)
 
@@ -254,6 +271,8 @@ def decode_item(item: Mapping[str, Any], raw: Mapping[str, Any], shard: Any, key
         return {"type": "audio", "waveform": wav, "sample_rate": sr}
     except SchemaError:
         raise
+    except NonFiniteMedia as exn:
+        raise SchemaError(shard, key, f"{field} (member {member!r})", str(exn), "finite values") from exn
     except Exception as exn:  # corrupt bytes: PIL/numpy/soundfile raise many different types
         what = {"image": "a PNG/JPEG image", "document": "a PNG/JPEG page image",
                 "video": "a .npy uint8 array [T, H, W, 3]", "audio": "a FLAC/WAV file"}[typ]

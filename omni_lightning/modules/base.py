@@ -37,6 +37,7 @@ from omni_lightning.model.config import PART_PREFIXES, expand_parts
 from omni_lightning.model.omni import OmniEmbedder
 from omni_lightning.model.processor import OmniProcessor
 from omni_lightning.tracking import catalogue
+from omni_lightning.utils import check_output_apart
 
 
 @dataclass
@@ -69,7 +70,10 @@ class OmniModule(LightningModule):
 
     Args:
         model: model directory to start from (weights are handed between phases as directories).
-        export_dir: where the trained model directory is written when fit ends (dense, LoRA merged).
+        export_dir: where the trained model directory is written when fit ends (dense, LoRA merged). It must lie
+            apart from every input (the model directory, the data root); an existing one is refused unless
+            ``export_overwrite`` is set. Both are checked before the first step.
+        export_overwrite: replace an existing ``export_dir`` when the fit ends.
         train_parts: parts trained in full (names or groups: ``language_model``, ``vision_encoder``,
             ``audio_encoder``, ``projector``, ``backbone``, ``audio``, ``all``).
         lora: LoRA settings, or ``None`` for no LoRA.
@@ -78,6 +82,8 @@ class OmniModule(LightningModule):
         scheduler: optional LR scheduler, stepped every optimizer step.
         grad_cache_chunk: turn GradCache on with this chunk size (the datamodule splits sides into chunks of
             this size; the CLI links it).
+        group_lr: learning rates of named parameter groups that differ from the optimizer's (groups: ``lora``
+            and the parts trained in full, e.g. ``{projector: 1.0e-3}``).
         phase: the prefix of logged metric names (``<phase>/<split>/<metric>/<modality>``).
     """
 
@@ -93,17 +99,21 @@ class OmniModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         grad_cache_chunk: int | None = None,
+        group_lr: dict[str, float] | None = None,
+        export_overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_dir = str(model)
         self.export_dir = export_dir
+        self.export_overwrite = bool(export_overwrite)
         self.train_parts = expand_parts(train_parts or [])
         self.lora_settings = lora
         self.loss_settings = loss or LossSettings()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_cache_chunk = grad_cache_chunk
+        self.group_lr = dict(group_lr or {})
         self.automatic_optimization = grad_cache_chunk is None
 
         self.model: nn.Module = OmniEmbedder.from_pretrained(self.model_dir)
@@ -168,13 +178,24 @@ class OmniModule(LightningModule):
         rank_zero_info(
             "trainable parameters: " + ", ".join(f"{n}={sum(p.numel() for p in ps):,}" for n, ps in groups.items())
         )
+        unknown = sorted(set(self.group_lr) - set(groups))
+        if unknown:
+            raise ValueError(f"group_lr names {unknown}, which are not trainable parameter groups here; "
+                             f"the groups are {sorted(groups)}")
         opt = self.optimizer_factory(param_groups)
+        for g in opt.param_groups:
+            if g["name"] in self.group_lr:
+                g["lr"] = float(self.group_lr[g["name"]])
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
 
     def on_fit_start(self) -> None:
         check_export_strategy(self.trainer.strategy, self.export_dir)
+        check_export_dir(self.export_dir, self.export_overwrite, {
+            "model directory": self.model_dir,
+            "data root": getattr(self.trainer.datamodule, "data_root", None),
+        })
         _check_ddp_idle_parts(self)
 
     # ------------------------------------------------------------------ forward
@@ -199,6 +220,7 @@ class OmniModule(LightningModule):
                 sides, loss_fn = self._loss_on(part)
                 losses.append(loss_fn(*[self.encode_chunks(s) for s in sides]))
             loss = sum(part["size"] / total * lp for part, lp in zip(parts, losses))
+            self._check_finite_loss(loss, batch)  # before backward: nothing is updated
         else:
             opt = self.optimizers()
             no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
@@ -213,6 +235,7 @@ class OmniModule(LightningModule):
                                          needs_grad=self.embedder._reaches_trainable)
                 losses.append(lp / w)
             loss = sum(part["size"] / total * lp for part, lp in zip(parts, losses))
+            self._check_finite_loss(loss, batch)  # before the optimizer step: nothing is updated
             opt.step()
             opt.zero_grad()
             sch = self.lr_schedulers()
@@ -227,6 +250,34 @@ class OmniModule(LightningModule):
         if self.loss_settings.learnable_temperature:
             self.log(catalogue.temperature(self.phase), self.loss_fn.temperature, batch_size=total)
         return loss if self.automatic_optimization else None
+
+    def on_train_epoch_end(self) -> None:
+        check = getattr(self.trainer.datamodule, "check_skip_fraction", None)  # an OmniDataModule's
+        if callable(check):
+            check(final=True)
+
+    # ------------------------------------------------------------------ non-finite values stop the run
+    def _check_finite_loss(self, loss: Tensor, batch: dict[str, Any]) -> None:
+        self._batch_keys = _batch_keys(batch)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(f"{self.phase}: the training loss is {loss.detach().float().item()} at global step "
+                                 f"{self.trainer.global_step} (batch of sample keys {self._batch_keys}); stopping "
+                                 "without exporting. Check those samples and the learning rate")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite gradient stops the run before the weights change. Under ``16-mixed`` the gradient
+        scaler owns overflow (it skips that step and lowers its scale), so gradients are not checked there."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):  # one device sync
+            return
+        bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
+        if bad:
+            raise NonFiniteError(f"{self.phase}: non-finite gradients in {len(bad)} parameter(s) (e.g. {bad[:3]}) at "
+                                 f"global step {self.trainer.global_step} (batch of sample keys "
+                                 f"{getattr(self, '_batch_keys', [])}); stopping without exporting. Check those "
+                                 "samples and the learning rate")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         q = self.encode_chunks(batch["query"])
@@ -282,6 +333,26 @@ class OmniModule(LightningModule):
         if self.trainer.is_global_zero:
             self.export(self.export_dir, self.export_record())
         self.trainer.strategy.barrier("omni-export")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite training loss or gradient: the run stops at once and exports nothing."""
+
+
+def _batch_keys(batch: dict[str, Any]) -> list[str]:
+    return [str(k) for k in batch.get("keys") or []]
+
+
+def check_export_dir(export_dir: str | None, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    """Before the first step: the export folder must lie apart from every input (replacing it would delete the
+    model being trained or its data), and an existing one is replaced only with ``export_overwrite``."""
+    if not export_dir:
+        return
+    check_output_apart(export_dir, inputs, "model.init_args.export_dir")
+    if Path(export_dir).exists() and not overwrite:
+        raise FileExistsError(f"model.init_args.export_dir {export_dir} already exists; set "
+                              "model.init_args.export_overwrite true to replace it when the fit ends, or choose "
+                              "another folder")
 
 
 def _part_of(name: str) -> str:

@@ -39,13 +39,21 @@ class ManifestError(ValueError):
 _FRAME_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _load_media(item: Mapping[str, Any], base: Path, field: str) -> dict[str, Any]:
+def _load_media(item: Mapping[str, Any], base: Path, field: str, allow_outside: bool = False) -> dict[str, Any]:
     """Manifest media item → DITEM (or pass-through bytes). Raises ValueError with a short message."""
     typ = item["type"]
     rel = item.get("path")
     if not isinstance(rel, str) or not rel:
         raise ValueError(f"{field}: a {typ} item needs 'path' (a file relative to the manifest's folder)")
     path = (base / rel)
+    if not allow_outside:
+        if Path(rel).is_absolute():
+            raise ValueError(f"{field}: path {rel!r} is absolute; paths must be relative to the manifest's folder "
+                             "(allow_outside=True / --allow-outside accepts it)")
+        norm = os.path.normpath(rel)
+        if norm == ".." or norm.startswith(".." + os.sep):  # lexical: symlinks the folder's owner made are fine
+            raise ValueError(f"{field}: path {rel!r} leads outside the manifest's folder {base} (to "
+                             f"{os.path.normpath(base / rel)}); allow_outside=True / --allow-outside accepts it")
     if not path.exists():
         raise ValueError(f"{field}: file {rel!r} not found (looked for {path})")
     ext = path.suffix.lower().lstrip(".")
@@ -86,7 +94,7 @@ def _load_media(item: Mapping[str, Any], base: Path, field: str) -> dict[str, An
     raise ValueError(f"{field}: unknown item type {typ!r}")
 
 
-def _manifest_item(item: Any, base: Path, field: str) -> dict[str, Any]:
+def _manifest_item(item: Any, base: Path, field: str, allow_outside: bool = False) -> dict[str, Any]:
     if not isinstance(item, Mapping):
         raise ValueError(f"{field} is a {type(item).__name__}; expected an object with a 'type'")
     typ = item.get("type")
@@ -97,10 +105,10 @@ def _manifest_item(item: Any, base: Path, field: str) -> dict[str, Any]:
     if typ not in MEDIA_EXTENSIONS:
         allowed = ("text", *MEDIA_EXTENSIONS)
         raise ValueError(f"{field}: unknown type {typ!r}; expected one of {allowed}")
-    return _load_media(item, base, field)
+    return _load_media(item, base, field, allow_outside)
 
 
-def _manifest_samples(path: Path, modality: str) -> Iterator[dict[str, Any]]:
+def _manifest_samples(path: Path, modality: str, allow_outside: bool = False) -> Iterator[dict[str, Any]]:
     base = path.parent
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -128,9 +136,9 @@ def _manifest_samples(path: Path, modality: str) -> Iterator[dict[str, Any]]:
                     "task": rec.get("task", path.stem),
                     "modality": modality,
                     "instruction": rec.get("instruction", ""),
-                    "query": _manifest_item(rec["query"], base, "query"),
-                    "pos": _manifest_item(rec["pos"], base, "pos"),
-                    "negs": [_manifest_item(n, base, f"negs[{i}]") for i, n in enumerate(negs)],
+                    "query": _manifest_item(rec["query"], base, "query", allow_outside),
+                    "pos": _manifest_item(rec["pos"], base, "pos", allow_outside),
+                    "negs": [_manifest_item(n, base, f"negs[{i}]", allow_outside) for i, n in enumerate(negs)],
                 }
                 if rec.get("label") is not None:
                     sample["label"] = rec["label"]
@@ -143,7 +151,7 @@ def _manifest_samples(path: Path, modality: str) -> Iterator[dict[str, Any]]:
 
 def shard_manifest(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, modality: str, split: str, *,
                    max_per_shard: int = 1000, max_shard_bytes: int = 1 << 30, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, allow_outside: bool = False) -> dict[str, Any]:
     """Turn a JSONL manifest into ``out_dir/<modality>/<split>`` shards (atomic; tqdm progress bar).
 
     One line per pair: ``{"task", "modality", "instruction", "query": ITEM, "pos": ITEM, "negs": [ITEM...],
@@ -153,7 +161,8 @@ def shard_manifest(manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
     video, ``.wav``/``.flac`` audio (stored as they are; other soundfile formats re-encoded as FLAC).
     ``task`` defaults to the manifest's file stem, ``modality`` to the argument, ``instruction`` to ``""``.
     A malformed line or a missing/unreadable file raises :class:`ManifestError` naming the line; nothing is
-    written then. Returns the index (+ ``dir``).
+    written then. A path that is absolute or leads outside the manifest's folder (``../``)
+    is such an error unless ``allow_outside=True``. Returns the index (+ ``dir``).
     """
     path = Path(manifest_path)
     if not path.is_file():
@@ -170,7 +179,7 @@ def shard_manifest(manifest_path: str | os.PathLike, out_dir: str | os.PathLike,
     try:
         with ShardSetWriter(out_dir, modality, split, max_per_shard=max_per_shard,
                             max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
-            for lineno, sample in _manifest_samples(path, modality):
+            for lineno, sample in _manifest_samples(path, modality, allow_outside):
                 try:
                     writer.write(sample)
                 except SchemaError as exn:

@@ -137,6 +137,21 @@ def _shard_of(exn: BaseException) -> str:
     return getattr(exn, "shard", None) or "<unknown shard>"
 
 
+def skip_reason(exn: BaseException | str) -> str:
+    """A short, countable reason for a skipped sample (the full message is in ``SkipCounter.reasons``)."""
+    if isinstance(exn, SchemaError):
+        if exn.problem.startswith("non-finite"):
+            return "non-finite media"
+        if exn.problem.startswith("cannot decode"):
+            return "undecodable media"
+        if exn.field == "json":
+            return "unreadable record"
+        return "schema violation"
+    if isinstance(exn, BaseException):
+        return f"unreadable shard data ({type(exn).__name__})"
+    return "other"
+
+
 class SkipCounter:
     """Counts samples skipped while reading (corrupt tar members, schema errors, undecodable media).
 
@@ -145,12 +160,14 @@ class SkipCounter:
     ``per_shard`` the count per shard. A warning is logged once per shard (further skips in that shard are only
     counted). The counter is local to the process that iterates: with DataLoader workers every worker holds its
     own copy (it is pickled into the worker), so aggregate across workers/ranks if a global number is needed.
+    ``per_reason`` counts skips by :func:`skip_reason`.
     """
 
     def __init__(self, max_reasons: int = 20):
         self.max_reasons = max_reasons
         self.count = 0
         self.per_shard: dict[str, int] = {}
+        self.per_reason: dict[str, int] = {}
         self._reasons: deque[str] = deque(maxlen=max_reasons)
         self._lock = threading.Lock()
 
@@ -169,6 +186,8 @@ class SkipCounter:
             self.count += 1
             first = shard not in self.per_shard
             self.per_shard[shard] = self.per_shard.get(shard, 0) + 1
+            reason = skip_reason(exn)
+            self.per_reason[reason] = self.per_reason.get(reason, 0) + 1
             self._reasons.append(msg)
         if first:
             log.warning("skipping a corrupt/invalid sample in shard %s: %s (further skips in this shard are "
@@ -182,10 +201,12 @@ class SkipCounter:
         with self._lock:
             self.count = 0
             self.per_shard.clear()
+            self.per_reason.clear()
             self._reasons.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "per_shard": dict(self.per_shard), "reasons": self.reasons}
+        return {"count": self.count, "per_shard": dict(self.per_shard), "per_reason": dict(self.per_reason),
+                "reasons": self.reasons}
 
     def __getstate__(self):
         state = self.__dict__.copy()
