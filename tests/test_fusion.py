@@ -8,6 +8,7 @@ are sharded and mixed-dtype. Then ownership, every bad input, interruption, the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -363,6 +364,48 @@ def test_streamed_ties_is_bit_identical_to_a_sort_reference(tmp_path, monkeypatc
                                      (4, dare_p, name) if dare_p else None)
             assert torch.equal(out[name].view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8)), name
     assert calls  # the fallback really ran
+
+
+def test_density_sweep_reads_once_for_every_density_and_equals_separate_fuses(ckpts, tmp_path, monkeypatch):
+    """fuse_densities: one threshold pass for the whole sweep (later densities skip it), and every output equals
+    the fuse of that density alone, bit for bit; TIES and DARE + TIES."""
+    from omni_lightning.fusion import engine, methods
+    from omni_lightning.fusion.engine import fuse_densities
+
+    monkeypatch.setattr(methods, "HOLD_ELEMS", 64)
+    monkeypatch.setattr(methods, "PROBE_ELEMS", 128)
+    b, dirs, base, specs = ckpts
+    passes = []
+    real = engine._Engine.run_thr
+    monkeypatch.setattr(engine._Engine, "run_thr", lambda self, task, raws: passes.append(task.tensor.name) or
+                        real(self, task, raws))
+    densities = [0.1, 0.3, 0.5]
+    for extra in ({"method": "ties"}, {"method": "dare", "dare": {"p": 0.2, "seed": 1, "combine": "ties"}}):
+        cfg = FuseConfig(base=str(b), specialists=[str(d) for d in dirs], alpha=list(ALPHA), progress=False,
+                         fsync=False, chunk_mb=1e-3, read_mb=2e-3, **extra)
+        outs = [tmp_path / f"sweep-{extra['method']}-{d}" for d in densities]
+        passes.clear()
+        fuse_densities(cfg, densities, outs)
+        first = list(passes)
+        assert first  # the first density's fuse ran the threshold pass ...
+        passes.clear()
+        for d, o in zip(densities, outs):
+            alone = tmp_path / f"alone-{extra['method']}-{d}"
+            run(b, dirs, alone, ties={"density": d}, chunk_mb=1e-3, read_mb=2e-3, **extra)
+            got, ref = load_dir(o), load_dir(alone)
+            assert got.keys() == ref.keys()
+            for name in ref:
+                assert torch.equal(got[name].view(-1).view(torch.uint8), ref[name].view(-1).view(torch.uint8)), name
+        assert len(passes) == len(first) * len(densities)  # ... which each density alone runs again
+    with pytest.raises(FusionError, match="needs TIES"):
+        fuse_densities(FuseConfig(base=str(b), specialists=[str(d) for d in dirs], alpha=list(ALPHA)), [0.2], ["x"])
+    cache = methods.ThresholdCache([0.2])
+    cfg = FuseConfig(base=str(b), specialists=[str(d) for d in dirs], alpha=list(ALPHA), method="ties",
+                     progress=False, fsync=False)
+    fuse(dataclasses.replace(cfg, out=str(tmp_path / "c1")), cache)
+    with pytest.raises(FusionError, match="same base, specialists and DARE"):
+        fuse(dataclasses.replace(cfg, specialists=[str(d) for d in dirs[:2]], alpha=ALPHA[:2],
+                                 out=str(tmp_path / "c2")), cache)
 
 
 def test_dare_factors_equal_the_documented_mask():

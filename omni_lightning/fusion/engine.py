@@ -35,8 +35,8 @@ Hugging Face safetensors checkpoints have no such description: ownership comes f
 passes). Tensors are then read in blocks of rows with ``pread`` into reused buffers (``io_threads`` read and
 hash the next blocks of every input while the current one is merged, ``chunk_mb`` at a time so the work
 buffers stay in the CPU cache) and written by a writer thread into pre-planned safetensors shards, so peak
-memory is a few blocks, plus one float32 copy of the tensor being thresholded for TIES' k-th value selection
-— not the model. NaN/inf in any input is found while streaming. The output is assembled in a temporary folder
+memory is a few blocks, plus for TIES the magnitudes near each threshold (1–2 % of the tensor being
+thresholded: see :class:`~omni_lightning.fusion.methods.MagnitudeSelect`) — not the model. NaN/inf in any input is found while streaming. The output is assembled in a temporary folder
 beside the destination (its ranges flushed to disk as they are written) and renamed at the end.
 
 **Diagnostics** (``diagnostics.json`` + ``diagnostics.png`` in the output folder, or ``--diagnose-only``):
@@ -65,6 +65,7 @@ import torch
 from omni_lightning.fusion.checkpoint import DTYPES
 from omni_lightning.fusion.config import (
     FuseConfig,
+    FusionError,
     parse_size,
 )
 from omni_lightning.fusion.diagnostics import (
@@ -76,7 +77,7 @@ from omni_lightning.fusion.diagnostics import (
     plot_diagnostics,
 )
 from omni_lightning.fusion import methods as _methods
-from omni_lightning.fusion.methods import DARE_BLOCK, Chunk, make_method
+from omni_lightning.fusion.methods import DARE_BLOCK, Chunk, ThresholdCache, make_method
 from omni_lightning.fusion.plan import Plan, Segment, TensorPlan, _Task, build_plan
 from omni_lightning.fusion.reader import _nonfinite, _Reader, _typed, read_rows
 from omni_lightning.fusion.writer import ShardedWriter
@@ -101,14 +102,15 @@ class _Workspace:
 
 
 class _Engine:
-    def __init__(self, plan: Plan, writer: ShardedWriter | None, diagnose_only: bool) -> None:
+    def __init__(self, plan: Plan, writer: ShardedWriter | None, diagnose_only: bool,
+                 thresholds: ThresholdCache | None = None) -> None:
         self.plan, self.writer, self.diagnose_only = plan, writer, diagnose_only
         cfg = plan.cfg
         self.M = len(plan.inputs) - 1
         self.ws = _Workspace()
         self.chunk = max(1, int(cfg.chunk_mb * 1e6 / 4))
         self.read_bytes = max(1, int(cfg.read_mb * 1e6))
-        self.method = make_method(cfg)
+        self.method = make_method(cfg, thresholds)
         self.stats = _Stats(plan.names[1:])
         self.warnings: list[str] = []
         self.counts = {"fused": 0, "copied": 0, "kept": 0, "added": 0}
@@ -168,7 +170,8 @@ class _Engine:
         at the start of a DARE random block where it can be, so the sample draws few random numbers), then the
         rows between them (stage "thr"); every row exactly once."""
         active = tuple(m for m in range(1, self.M + 1) if t.alphas[m - 1] != 0)
-        if not active:
+        n_fused = (seg.r1 - seg.r0) * t.row_numel
+        if not active or not self.method.needs_threshold_pass(t.name, [self.plan.names[m] for m in active], n_fused):
             return
         reads = (0, *active)
         rows = seg.r1 - seg.r0
@@ -213,7 +216,8 @@ class _Engine:
         if not self.pass1_left[t.name]:
             del self.pass1_left[t.name]
             for m in active:
-                self.method.threshold_done(m, n_fused, lambda m=m: self._reread_abs(t, seg, m))
+                self.method.threshold_done(m, n_fused, lambda m=m: self._reread_abs(t, seg, m), t.name,
+                                           self.plan.names[m])
 
     def _reread_abs(self, t: TensorPlan, seg: Segment, m: int) -> Iterator[torch.Tensor]:
         """|Δ_m| over the fused rows once more, read synchronously (only where a sampled bracket missed)."""
@@ -294,7 +298,10 @@ class _Engine:
             buf = self.ws.get("spec", n)
             return buf.copy_(_typed(raws[m], t.inputs[m], rows))
 
-        chunk = Chunk(t.name, r0 * t.row_numel, base_f, D, t.alphas, self.plan.names[1:], specialist, self.ws.get)
+        fused = next((s for s in t.segments if s.kind == "fuse"), None)
+        total = (fused.r1 - fused.r0) * t.row_numel if fused is not None else n
+        chunk = Chunk(t.name, r0 * t.row_numel, base_f, D, t.alphas, self.plan.names[1:], specialist, self.ws.get,
+                      total)
         acc = self.method.merge(chunk, self.ws.get("acc", n))
         return acc if t.dtype == "F32" else acc.to(DTYPES[t.dtype][0])
 
@@ -339,9 +346,10 @@ def _copy_aux_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _run(plan: Plan, writer: ShardedWriter | None, diagnose_only: bool) -> tuple[_Engine, dict[str, str | None]]:
+def _run(plan: Plan, writer: ShardedWriter | None, diagnose_only: bool,
+         thresholds: ThresholdCache | None = None) -> tuple[_Engine, dict[str, str | None]]:
     cfg = plan.cfg
-    engine = _Engine(plan, writer, diagnose_only)
+    engine = _Engine(plan, writer, diagnose_only, thresholds)
     reader = _Reader(plan, engine.tasks(), hash="none" if diagnose_only else cfg.hash,
                      io_threads=cfg.io_threads).start()
     total = writer.total_size if writer is not None else sum(
@@ -389,8 +397,9 @@ class _Terminate(BaseException):
     pass
 
 
-def fuse(cfg: FuseConfig) -> FuseResult:
-    """Fuse (or, with ``cfg.diagnose_only``, only diagnose) the specialists. See the module docstring."""
+def fuse(cfg: FuseConfig, thresholds: ThresholdCache | None = None) -> FuseResult:
+    """Fuse (or, with ``cfg.diagnose_only``, only diagnose) the specialists. See the module docstring.
+    ``thresholds``: TIES thresholds shared by the fuses of a density sweep (see :func:`fuse_densities`)."""
     plan = build_plan(cfg)
     if cfg.diagnose_only:
         engine, _ = _run(plan, None, True)
@@ -416,7 +425,7 @@ def fuse(cfg: FuseConfig) -> FuseResult:
         old_handler = signal.signal(signal.SIGTERM, _on_term)
     try:
         writer = ShardedWriter(tmp, plan.tensors, parse_size(cfg.shard_size), fsync=cfg.fsync)
-        engine, hashes = _run(plan, writer, False)
+        engine, hashes = _run(plan, writer, False, thresholds)
         writer.finish()
         owner = plan.inputs[plan.file_owner]
         _copy_aux_files(owner.path, tmp)
@@ -452,6 +461,22 @@ def fuse(cfg: FuseConfig) -> FuseResult:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     return FuseResult(out, diag)
+
+
+def fuse_densities(cfg: FuseConfig, densities: list[float], outs: list[str | Path]) -> list[FuseResult]:
+    """TIES (or DARE + TIES) at several densities, one output each (``outs``), with ``cfg``'s other settings.
+
+    The first fuse's threshold pass computes the thresholds of every density (one read of every input); each fuse
+    then reads every input once more to merge and write. k densities: k + 1 reads of the inputs instead of 2k. The
+    outputs are bit-identical to fusing each density on its own. A ``fuse --grid`` can do the same by passing one
+    :class:`~omni_lightning.fusion.methods.ThresholdCache` to each :func:`fuse` of its settings."""
+    if cfg.method not in ("ties", "dare") or (cfg.method == "dare" and cfg.dare.combine != "ties"):
+        raise FusionError(f"fuse_densities needs TIES (method ties, or dare with dare.combine ties), not {cfg.method}")
+    if len(densities) != len(outs):
+        raise FusionError(f"{len(densities)} densities but {len(outs)} outputs")
+    cache = ThresholdCache(densities)
+    return [fuse(dataclasses.replace(cfg, ties=dataclasses.replace(cfg.ties, density=float(d)), out=str(o)), cache)
+            for d, o in zip(densities, outs)]
 
 
 def run_cli(cfg: FuseConfig) -> int:

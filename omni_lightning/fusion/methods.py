@@ -3,8 +3,9 @@
 The engine streams each fused tensor in cache-sized chunks of rows and hands a method, per chunk, θ₀'s rows
 and the task vectors of the same rows as one float32 ``[M, n]`` matrix ``D``; the method writes the fused rows
 into the accumulator. A method that needs a statistic of the *whole* tensor first (TIES' magnitude threshold)
-says so with ``thresholded``: the engine then runs a first pass over each specialist's rows
-(:meth:`MergeMethod.threshold_rows`, :meth:`MergeMethod.threshold_done`) before the chunks are merged. All
+says so with ``thresholded``: the engine then runs a first pass over the tensor, reading θ₀ and every active
+specialist once — a sample of spread-out rows first, then the rest (:meth:`MergeMethod.threshold_rows`,
+:meth:`MergeMethod.threshold_probed`, :meth:`MergeMethod.threshold_done`) — before the chunks are merged. All
 arithmetic is float32 and element-wise (TIES: given the threshold), so chunking never changes a result.
 
 Adding a method: subclass :class:`MergeMethod`, give it a ``name``, implement :meth:`MergeMethod.merge`, and
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from omni_lightning.fusion.config import FuseConfig
+from omni_lightning.fusion.config import FuseConfig, FusionError
 
 DARE_BLOCK = 1 << 20  # elements per independently seeded DARE random block
 
@@ -170,7 +171,7 @@ class MagnitudeSelect:
     For a larger one the first chunks (:meth:`add` with ``probe=True``: the engine sends about
     :data:`PROBE_ELEMS` values from rows spread over the tensor) are a sample whose order statistics bracket each
     k-th value; every value is then counted against the brackets ([> hi], [= hi], (lo, hi), [= lo]) and only the
-    values strictly inside a bracket (a few per mille of the tensor) are kept. :meth:`result` selects each k-th
+    values inside a bracket (1–2 % of the tensor at density 0.2) are kept. :meth:`result` selects each k-th
     value exactly from the counts and the kept values; where a bracket missed (the sample misled), it returns None
     and the caller runs :func:`radix_select` over a second read."""
 
@@ -283,6 +284,34 @@ class MagnitudeSelect:
         return out
 
 
+class ThresholdCache:
+    """TIES thresholds kept across fuses of the same inputs, for a density sweep: the first fuse computes, in its one
+    threshold pass, the thresholds of every density in ``densities`` for every fused tensor and specialist; a later
+    fuse with one of those densities (same inputs, same DARE settings) skips the threshold pass, so it reads each
+    input once. Memory: three numbers per tensor, specialist and density. See :func:`~omni_lightning.fusion.engine.fuse_densities`."""
+
+    def __init__(self, densities: Iterable[float]) -> None:
+        self.densities = sorted({float(d) for d in densities})
+        if not self.densities or not all(0 < d <= 1 for d in self.densities):
+            raise FusionError(f"densities must be in (0, 1], got {self.densities}")
+        self.key: tuple | None = None
+        self.store: dict[tuple[str, str, int], dict[float, Threshold]] = {}  # (tensor, specialist, n) -> thresholds
+
+    def bind(self, cfg: FuseConfig, dare_p: float) -> None:
+        key = (str(cfg.base), tuple(map(str, cfg.specialists)), dare_p, cfg.dare.seed if dare_p else None)
+        if self.key is None:
+            self.key = key
+        elif key != self.key:
+            raise FusionError("a ThresholdCache serves fuses of the same base, specialists and DARE settings; "
+                              f"it holds thresholds for {self.key}, this fuse is {key}")
+
+    def get(self, tensor: str, specialist: str, n: int, density: float) -> Threshold | None:
+        return self.store.get((tensor, specialist, n), {}).get(density)
+
+    def put(self, tensor: str, specialist: str, n: int, density: float, thr: Threshold) -> None:
+        self.store.setdefault((tensor, specialist, n), {})[density] = thr
+
+
 @dataclass
 class Chunk:
     """The rows of one fused tensor being merged: θ₀'s rows and the task vectors of the same rows."""
@@ -295,6 +324,7 @@ class Chunk:
     names: list[str]  # the specialists' names
     specialist: Callable[[int], torch.Tensor]  # m -> θ_m's rows as float32 (exact, not base + Δ)
     buffer: Callable[[str, int], torch.Tensor]  # (key, n) -> a reused float32 work buffer
+    total: int = 0  # elements of the tensor's fused rows (what TIES' k counts)
 
     def active(self) -> list[int]:
         """The specialists (1-based) with a non-zero coefficient."""
@@ -325,11 +355,15 @@ class MergeMethod:
         """First pass: rows of Δ_m at flat ``offset`` of a fused tensor of ``total`` elements, in any order:
         first the sample rows (``probe``), then the rest."""
 
+    def needs_threshold_pass(self, tensor: str, specialists: list[str], total: int) -> bool:
+        """Whether a first pass over this tensor is needed (False where the thresholds are known already)."""
+        return self.thresholded
+
     def threshold_probed(self, m: int) -> None:
         """First pass: the sample rows of Δ_m (``probe=True``) have all been seen; the other rows follow."""
 
-    def threshold_done(self, m: int, total: int,
-                       reread: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
+    def threshold_done(self, m: int, total: int, reread: Callable[[], Iterable[torch.Tensor]] | None = None,
+                       tensor: str = "", specialist: str = "") -> None:
         """First pass: every row of Δ_m has been seen (``reread``: |Δ_m| once more, chunk by chunk, if needed)."""
 
     def end_tensor(self) -> None:
@@ -379,6 +413,17 @@ class Ties(MergeMethod):
         self.select: dict[int, MagnitudeSelect] = {}  # m -> the threshold pass of Δ_m over the current tensor
         self.thresholds: dict[int, list[Threshold]] = {}  # m -> one threshold per density
         self.eq_seen: dict[int, int] = {}  # m -> entries equal to the threshold seen so far in the merge pass
+        self.cache: ThresholdCache | None = None
+
+    def use_cache(self, cache: ThresholdCache) -> None:
+        """Take thresholds from ``cache`` where it has them, and compute (and store) its densities with ours."""
+        cache.bind(self.cfg, self.dare_p)
+        self.cache = cache
+        self.densities = [self.density] + [d for d in cache.densities if d != self.density]
+
+    def needs_threshold_pass(self, tensor: str, specialists: list[str], total: int) -> bool:
+        return self.thresholded and (self.cache is None or any(
+            self.cache.get(tensor, s, total, self.density) is None for s in specialists))
 
     def threshold_rows(self, m: int, offset: int, d: torch.Tensor, total: int, probe: bool = False) -> None:
         sel = self.select.get(m)
@@ -389,8 +434,8 @@ class Ties(MergeMethod):
     def threshold_probed(self, m: int) -> None:
         self.select[m].end_probe()
 
-    def threshold_done(self, m: int, total: int,
-                       reread: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
+    def threshold_done(self, m: int, total: int, reread: Callable[[], Iterable[torch.Tensor]] | None = None,
+                       tensor: str = "", specialist: str = "") -> None:
         """Every row of Δ_m was seen. ``reread``: |Δ_m| again, chunk by chunk (used only where a bracket missed)."""
         sel = self.select.pop(m)
         res = sel.result()
@@ -401,6 +446,9 @@ class Ties(MergeMethod):
                 res[i] = radix_select(reread, sel.ks[i])
         self.thresholds[m] = res
         self.eq_seen[m] = 0
+        if self.cache is not None:
+            for d, r in zip(self.densities, res):
+                self.cache.put(tensor, specialist, total, d, r)
 
     def end_tensor(self) -> None:
         super().end_tensor()
@@ -441,6 +489,9 @@ class Ties(MergeMethod):
         for m in active:
             self.drop(chunk.names[m - 1], chunk.tensor, chunk.start, D[m - 1])
             if self.thresholded:
+                if m not in self.thresholds:  # no threshold pass over this tensor: the cache has them
+                    self.thresholds[m] = [self.cache.get(chunk.tensor, chunk.names[m - 1], chunk.total, self.density)]
+                    self.eq_seen[m] = 0
                 self._trim(m, D[m - 1], a, chunk.buffer("ties_sign", n))
         total = chunk.buffer("ties_sum", n)
         total.zero_()
@@ -485,9 +536,12 @@ REGISTRY: dict[str, Callable[[FuseConfig], MergeMethod]] = {
 }
 
 
-def make_method(cfg: FuseConfig) -> MergeMethod:
-    """The method ``cfg.method`` names, configured."""
+def make_method(cfg: FuseConfig, thresholds: ThresholdCache | None = None) -> MergeMethod:
+    """The method ``cfg.method`` names, configured (TIES, alone or after DARE: with a ``thresholds`` cache)."""
     try:
-        return REGISTRY[cfg.method](cfg)
+        method = REGISTRY[cfg.method](cfg)
     except KeyError:
         raise ValueError(f"unknown fusion method {cfg.method!r}; expected one of {sorted(REGISTRY)}") from None
+    if thresholds is not None and isinstance(method, Ties) and method.thresholded:
+        method.use_cache(thresholds)
+    return method
