@@ -159,3 +159,21 @@ def test_pipeline_without_recovery_rehearses_the_fused_model(tmp_path):
                 for m in ("image", "video"))
     assert f"{worst:+.3f}" in check["measured"]
     assert not any("recovery" in c["check"] for c in report["pattern"])
+
+
+def test_missing_inputs_fail_before_anything_is_written(tmp_path, capsys):
+    """A missing base model, data root or config is an error naming it, with nothing written (no corpus generated);
+    an output folder that holds an input is refused."""
+    out = tmp_path / "run"
+    for flags, message in ((["--base.model", str(tmp_path / "no-base")], "is not a model directory"),
+                           (["--data.root", str(tmp_path / "no-data")], "has no train shards"),
+                           (["--recover", "no-such-config.yaml"], "no-such-config.yaml not found")):
+        assert main(["--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    data = tmp_path / "run" / "data"
+    for m in ("image", "video", "document", "audio"):
+        (data / m / "train").mkdir(parents=True)
+        (data / m / "train" / "index.json").write_text("{}")
+    assert main(["--out", str(out), "--data.root", str(data)]) == 2
+    assert "contains the data.root" in capsys.readouterr().err

@@ -47,7 +47,7 @@ from omni_lightning.evaluation import evaluate_model
 from omni_lightning.fusion import FuseConfig, format_diagnostics, fuse, load_config
 from omni_lightning.modalities import SPECIALISTS
 from omni_lightning.model.config import CONFIG_NAME
-from omni_lightning.utils import atomic_write_text
+from omni_lightning.utils import atomic_write_text, check_output_apart
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECORDS = ".pipeline"
@@ -188,12 +188,39 @@ class Pipeline:
         self.force = set(force or [])
         self.timings: dict[str, float] = {}
         self.ran: list[str] = []
+        self._check_inputs()  # before anything is generated or written
         self.stages = self._plan()
         known = {s.name for s in self.stages} | {"all", "specialists", "eval"}
         unknown = self.force - known
         if unknown:
             raise ValueError(f"--force {sorted(unknown)}: unknown stage; stages are {[s.name for s in self.stages]}, "
                              "or 'specialists' / 'all'")
+
+    def _check_inputs(self) -> None:
+        """Every given input exists, and no output folder is, contains or lies inside one: a missing base model or
+        data root fails here, not after the corpus was generated."""
+        cfg = self.cfg
+        inputs: dict[str, Path | None] = {}
+        if cfg.base.model:
+            base = Path(cfg.base.model)
+            if not (base / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"base.model {base} is not a model directory (no {CONFIG_NAME}); write one "
+                                        "with `omni-lightning init-model`, or set base.model: null for the tiny preset")
+            inputs["base.model"] = base
+        if cfg.data.root:
+            root = Path(cfg.data.root)
+            missing = [m for m in cfg.specialists if not (root / m / "train" / "index.json").is_file()]
+            if missing:
+                raise FileNotFoundError(f"data.root {root} has no train shards for {missing} (expected "
+                                        f"{root}/<modality>/train/index.json; `omni-lightning shard` writes them)")
+            inputs["data.root"] = root
+        configs = [cfg.base.pretrain, *cfg.specialists.values(), *cfg.joint.values(), cfg.fuse.config, cfg.fuse.grid,
+                   cfg.recover, cfg.rehearse]
+        for c in configs:
+            if c:
+                config_path(c)  # a missing config is an error now
+        if inputs:
+            check_output_apart(self.out, inputs, "the pipeline's out folder")
 
     # paths
     @property
@@ -239,7 +266,8 @@ class Pipeline:
                 "--model.init_args.model", str(model), "--model.init_args.export_dir", str(export),
                 "--data.init_args.data_root", str(data_root),
                 "--trainer.default_root_dir", str(self.out / "lightning" / name),
-                "--trainer.enable_progress_bar", str(b.progress_bar).lower()]
+                "--trainer.enable_progress_bar", str(b.progress_bar).lower(),
+                "--model.init_args.export_overwrite", "true"]  # the pipeline's own stage outputs
         if b.logger:
             logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                       "init_args": {"save_dir": str(self.out / "logs"), "name": name}}
