@@ -3,8 +3,8 @@
 :class:`RetrievalEval` runs :func:`omni_lightning.evaluation.evaluate_samples` on the first ``max_samples``
 eval pairs of each modality (the same pairs every time, so successive values compare) after every
 ``every_n_epochs``-th validation, on rank 0, and logs ``<phase>/eval/<metric>/<modality>`` for every metric of
-:data:`omni_lightning.evaluation.METRICS` (R@1/5/10, nDCG@10 and MRR both ways, pool Hit@1, zero-shot
-accuracy). The model is evaluated as it trains (LoRA adapters active), in eval mode, without gradients.
+:data:`omni_lightning.evaluation.METRICS` (hit@1/5/10, recall@1/5/10, nDCG@10 and MRR both ways, pool Hit@1,
+zero-shot accuracy). The model is evaluated as it trains (LoRA adapters active), in eval mode, without gradients.
 """
 
 from __future__ import annotations

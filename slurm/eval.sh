@@ -4,6 +4,12 @@
 #   sbatch slurm/eval.sh                                   # resources from the #SBATCH lines below
 #   OMNI_EVAL_MODELS="runs/demo/final" slurm/eval.sh       # submits itself; only these models
 #   sbatch slurm/eval.sh --max-samples 1000 --pool-size 100    # `omni-lightning eval` flags
+#   OMNI_EVAL_MTEB="MAEB(beta)" sbatch slurm/eval.sh           # mteb instead: a benchmark ...
+#   OMNI_EVAL_MTEB_TASKS="ClothoT2ARetrieval.v2" sbatch slurm/eval.sh --batch-size 16   # ... or tasks
+#
+# With OMNI_EVAL_MTEB (an mteb benchmark name) or OMNI_EVAL_MTEB_TASKS (mteb task names, space-separated) set,
+# each model runs `omni-lightning mteb` instead, offline from the node's datasets cache (HF_HOME), into
+# $OMNI_OUT/mteb/<model> (mteb's results/ and summary.{md,json}); extra flags go to `omni-lightning mteb`.
 #
 # Writes $OMNI_OUT/eval/<model>.json (`omni-lightning eval --out`); with OMNI_WANDB=1 (default) each model is
 # also a W&B run of job type eval ($OMNI_OUT/logs/eval): <phase>/eval/<metric>/<modality> and a table of
@@ -39,6 +45,23 @@ else
   done
 fi
 [[ ${#models[@]} -gt 0 ]] || omni_die "no model to evaluate under ${OMNI_OUT} (set OMNI_EVAL_MODELS)"
+if [[ -n "${OMNI_EVAL_MTEB:-}" || -n "${OMNI_EVAL_MTEB_TASKS:-}" ]]; then
+  select_=(--benchmark "${OMNI_EVAL_MTEB:-}")
+  if [[ -n "${OMNI_EVAL_MTEB_TASKS:-}" ]]; then
+    [[ -z "${OMNI_EVAL_MTEB:-}" ]] || omni_die "set OMNI_EVAL_MTEB or OMNI_EVAL_MTEB_TASKS, not both"
+    read -r -a tasks <<< "${OMNI_EVAL_MTEB_TASKS}"
+    select_=(--tasks "${tasks[@]}")
+  fi
+  echo "omni-eval: mteb (${OMNI_EVAL_MTEB:-${OMNI_EVAL_MTEB_TASKS}}) on ${#models[@]} model(s)"
+  status=0
+  for m in "${models[@]}"; do
+    name="${m#"${OMNI_OUT}/"}"
+    [[ "${name}" != "${m}" ]] || name="$(basename "${m}")"
+    srun --ntasks=1 --kill-on-bad-exit=1 "${OMNI_PYTHON}" -m omni_lightning mteb --model "${m}" \
+      --out "${OMNI_OUT}/mteb/${name//\//-}" --progress false "${select_[@]}" "$@" || status=$?
+  done
+  exit "${status}"
+fi
 [[ -d "${OMNI_DATA}" ]] || omni_die "OMNI_DATA=${OMNI_DATA} does not exist: point it at a dataset root"
 wandb=(--wandb_dir "${OMNI_OUT}/logs/eval" --examples "${OMNI_EVAL_EXAMPLES:-8}")
 if [[ "${OMNI_WANDB}" != 1 ]]; then wandb=(--wandb false); fi

@@ -10,6 +10,7 @@ import torch
 from torchmetrics.functional.retrieval import (
     retrieval_hit_rate,
     retrieval_normalized_dcg,
+    retrieval_recall,
     retrieval_reciprocal_rank,
 )
 
@@ -30,7 +31,7 @@ from omni_lightning.evaluation import (
 
 def brute_force(scores: torch.Tensor, rel: torch.Tensor, ks=(1, 5, 10), ndcg_k=10) -> dict[str, float]:
     """Python loops: sort each row by (-score, candidate index) and read the metrics off the list."""
-    sums = {f"r{k}": 0.0 for k in ks} | {f"ndcg{ndcg_k}": 0.0, "mrr": 0.0}
+    sums = {f"hit{k}": 0.0 for k in ks} | {f"recall{k}": 0.0 for k in ks} | {f"ndcg{ndcg_k}": 0.0, "mrr": 0.0}
     Q, C = scores.shape
     for i in range(Q):
         order = sorted(range(C), key=lambda j: (-float(scores[i, j]), j))
@@ -39,7 +40,8 @@ def brute_force(scores: torch.Tensor, rel: torch.Tensor, ks=(1, 5, 10), ndcg_k=1
         if n_rel == 0:
             continue
         for k in ks:
-            sums[f"r{k}"] += float(any(flags[:k]))
+            sums[f"hit{k}"] += float(any(flags[:k]))
+            sums[f"recall{k}"] += sum(flags[:k]) / n_rel
         dcg = sum(1 / math.log2(p + 2) for p, f in enumerate(flags[:ndcg_k]) if f)
         idcg = sum(1 / math.log2(p + 2) for p in range(min(ndcg_k, n_rel)))
         sums[f"ndcg{ndcg_k}"] += dcg / idcg
@@ -74,17 +76,49 @@ def test_metrics_match_torchmetrics_without_ties():
     got = retrieval_scores(scores, rel)
     for k in (1, 5, 10):
         want = torch.stack([retrieval_hit_rate(s, r, top_k=k) for s, r in zip(scores, rel)]).mean()
-        assert got[f"r{k}"] == pytest.approx(float(want), abs=1e-6)
+        assert got[f"hit{k}"] == pytest.approx(float(want), abs=1e-6)
+        want = torch.stack([retrieval_recall(s, r, top_k=k) for s, r in zip(scores, rel)]).mean()
+        assert got[f"recall{k}"] == pytest.approx(float(want), abs=1e-6)
     ndcg = torch.stack([retrieval_normalized_dcg(s, r, top_k=10) for s, r in zip(scores, rel)]).mean()
     mrr = torch.stack([retrieval_reciprocal_rank(s, r) for s, r in zip(scores, rel)]).mean()
     assert got["ndcg10"] == pytest.approx(float(ndcg), abs=1e-6)
     assert got["mrr"] == pytest.approx(float(mrr), abs=1e-6)
 
 
+def pytrec_metrics(scores: torch.Tensor, rel: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """pytrec_eval (trec_eval) on the same problem. trec_eval breaks ties by document id, descending; naming
+    candidate j with an id that sorts descending in candidate order gives our tie order (earlier first)."""
+    import pytrec_eval
+
+    Q, C = scores.shape
+    doc = [f"d{C - 1 - j:06d}" for j in range(C)]
+    qrels = {f"q{i}": {doc[j]: int(rel[i, j]) for j in range(C)} for i in range(Q)}
+    run = {f"q{i}": {doc[j]: float(scores[i, j]) for j in range(C)} for i in range(Q)}
+    measures = {"recip_rank", "ndcg_cut.10", "success." + ",".join(map(str, ks)), "recall." + ",".join(map(str, ks))}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    mean = lambda key: sum(per_query[f"q{i}"][key] for i in range(Q)) / Q  # noqa: E731
+    return ({f"hit{k}": mean(f"success_{k}") for k in ks} | {f"recall{k}": mean(f"recall_{k}") for k in ks}
+            | {"ndcg10": mean("ndcg_cut_10"), "mrr": mean("recip_rank")})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_pytrec_eval_with_ties_and_several_relevant(seed):
+    """hit@k = trec_eval's success@k, recall@k = its recall_k, nDCG@10 = ndcg_cut_10, MRR = recip_rank."""
+    pytest.importorskip("pytrec_eval", reason="pytrec_eval (pytrec-eval-terrier, installed with mteb) is needed")
+    scores, rel = tied_problem(seed, Q=17, C=40, levels=5, n_labels=4)  # ~10 relevant per query, many ties
+    rel[torch.arange(17), torch.arange(17)] = True  # every query has a relevant candidate (trec_eval's domain)
+    assert (rel.sum(1) > 1).all()
+    got, want = retrieval_scores(scores, rel), pytrec_metrics(scores, rel)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    assert any(got[f"hit{k}"] != got[f"recall{k}"] for k in (1, 5, 10))  # the two names measure different things
+
+
 def test_negative_scores_count():
     # cosine scores can be negative; a relevant candidate at -0.5 ranked first is still a hit at rank 1
     got = retrieval_scores(torch.tensor([[-0.5, -0.9, -0.7]]), torch.tensor([[True, False, False]]))
-    assert got["mrr"] == 1.0 and got["r1"] == 1.0 and got["ndcg10"] == pytest.approx(1.0)
+    assert got["mrr"] == 1.0 and got["hit1"] == 1.0 and got["recall1"] == 1.0 and got["ndcg10"] == pytest.approx(1.0)
 
 
 def test_hand_computed_example():
@@ -92,7 +126,8 @@ def test_hand_computed_example():
     scores = torch.tensor([[3.0, 5.0, 5.0, 1.0]])
     rel = torch.tensor([[False, False, True, True]])
     got = retrieval_scores(scores, rel, ks=(1, 2))
-    assert got["r1"] == 0.0 and got["r2"] == 1.0
+    assert got["hit1"] == 0.0 and got["hit2"] == 1.0
+    assert got["recall1"] == 0.0 and got["recall2"] == 0.5  # one of the two relevant candidates in the top 2
     assert got["mrr"] == pytest.approx(1 / 2)
     dcg = 1 / math.log2(3) + 1 / math.log2(5)
     assert got["ndcg10"] == pytest.approx(dcg / (1 + 1 / math.log2(3)))
@@ -170,15 +205,16 @@ def test_evaluate_samples_on_tiny_model(tiny, demo_root):
     assert res["n"] == 24 and res["pool_size"] == 10
     assert all(0.0 <= res[m] <= 1.0 for m in METRICS)
     # recall is monotone in k, and chunking the scoring changes nothing
-    assert res["q2c_r1"] <= res["q2c_r5"] <= res["q2c_r10"]
+    assert res["q2c_hit1"] <= res["q2c_hit5"] <= res["q2c_hit10"]
+    assert res["q2c_recall1"] <= res["q2c_recall5"] <= res["q2c_recall10"] <= res["q2c_hit10"] + 1e-6  # hit: float32
     chunked = evaluate_samples(model, processor, samples, batch_size=8, pool_size=10, progress=False,
                                query_chunk=5, cand_chunk=7)
     assert chunked == res
-    # independent recomputation of q2c R@1 from the embeddings
+    # independent recomputation of q2c hit@1 from the embeddings
     q = model.encode(processor, [s["query"] for s in samples], [s["instruction"] for s in samples], 8)
     c = model.encode(processor, [s["pos"] for s in samples], None, 8)
     rel = relevance([s["label"] for s in samples], [s["label"] for s in samples])
-    assert res["q2c_r1"] == pytest.approx(brute_force(q @ c.T, rel)["r1"])
+    assert res["q2c_hit1"] == pytest.approx(brute_force(q @ c.T, rel)["hit1"])
 
 
 def test_eval_cli_writes_json(tiny_model_dir, demo_root, tmp_path, capsys):
@@ -220,3 +256,44 @@ def test_retrieval_eval_callback_logs_what_evaluation_computes(tiny_model_dir, d
         assert float(logged[f"{cli.model.phase}/eval/{metric}/image"]) == pytest.approx(want[metric], abs=1e-6)
     with pytest.raises(ValueError, match="every_n_epochs"):
         RetrievalEval(every_n_epochs=0)
+
+
+# ---------------------------------------------------------------------------------------------- mixed-media items
+def test_mixed_media_query_embeds_differently_and_round_trips_through_a_shard(tiny, tiny_model_dir, tmp_path):
+    """An image plus a question is its own input: not the image alone, not the text alone; it survives a shard
+    (the record keeps the text beside the file) and `eval` scores shards made of such queries."""
+    import numpy as np
+
+    from omni_lightning.data.schema import SchemaError, validate_item
+    from omni_lightning.data.shards import split_dir, write_shards
+    from omni_lightning.evaluation import evaluate_model
+
+    model, processor = tiny
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    question = "Which digit is shown, and in what colour?"
+    mixed = {"type": "image", "image": images[0], "text": question}
+    e_mixed, e_image, e_text = model.encode(processor, [mixed, {"type": "image", "image": images[0]},
+                                                        {"type": "text", "text": question}], "Find the answer.")
+    assert float(e_mixed @ e_image) < 1 - 1e-4 and float(e_mixed @ e_text) < 1 - 1e-4
+    audio = {"type": "audio", "waveform": rng.standard_normal(8000).astype("float32"), "sample_rate": 16000}
+    e_audio_mixed, e_audio = model.encode(processor, [dict(audio, text="Describe the sound."), audio], None)
+    assert float(e_audio_mixed @ e_audio) < 1 - 1e-4
+
+    samples = [{"task": "vqa", "modality": "image", "instruction": "Answer the question about the image.",
+                "query": {"type": "image", "image": img, "text": f"{question} ({i})"},
+                "pos": {"type": "text", "text": f"answer {i}"}, "label": f"l{i % 3}"} for i, img in enumerate(images)]
+    write_shards(samples, tmp_path, "image", "eval")
+    back = load_split(split_dir(tmp_path, "image", "eval"))
+    assert [s["query"]["text"] for s in back] == [s["query"]["text"] for s in samples]
+    assert all(np.array_equal(b["query"]["image"], s["query"]["image"]) for b, s in zip(back, samples))
+    decoded = model.encode(processor, [back[0]["query"]], "Find the answer.")
+    torch.testing.assert_close(decoded, model.encode(processor, [samples[0]["query"]], "Find the answer."),
+                               atol=1e-6, rtol=0)
+    res = evaluate_model(tiny_model_dir, tmp_path, modalities=["image"], batch_size=4, pool_size=4,
+                         progress=False)["image"]  # what `omni-lightning eval` runs
+    assert res["n"] == 6 and all(0.0 <= res[m] <= 1.0 for m in METRICS)
+    with pytest.raises(SchemaError, match="query.text"):
+        validate_item({"type": "image", "file": "query.png", "text": 3}, None, "s", "k", "query")
+    with pytest.raises(SchemaError, match="only 'type', 'file' and an optional 'text'"):
+        validate_item({"type": "image", "file": "query.png", "caption": "x"}, None, "s", "k", "query")

@@ -227,6 +227,36 @@ def fuse(cfg: FuseConfig) -> int:
     return run_cli(cfg)
 
 
+def mteb_eval(model: str, out: str, tasks: list[str] | None = None, benchmark: str | None = None,
+              prompts: str | None = None, batch_size: int = 32, device: str | None = None, download: bool = False,
+              overwrite: Literal["only-missing", "always", "never", "only-cache"] = "only-missing",
+              fps: float | None = None, max_frames: int | None = 32, progress: bool = True) -> int:
+    """mteb tasks or a benchmark (e.g. "MAEB(beta)") on a local model directory, offline from the datasets cache.
+
+    Args:
+        model: model directory.
+        out: folder for mteb's results (results/) and the summary (summary.md, summary.json).
+        tasks: mteb task names (or --benchmark).
+        benchmark: an mteb benchmark name, e.g. "MAEB(beta)" (or --tasks).
+        prompts: YAML of query instructions (task name, task type, '<task>-query', ... -> instruction).
+        batch_size: items per encoder forward.
+        device: cuda / cpu (default: cuda when available).
+        download: allow fetching datasets that are not in the local cache.
+        overwrite: mteb's strategy for results already under out (only-missing resumes).
+        fps: video frames per second sampled (default: the model's video_fps).
+        max_frames: at most this many frames per video.
+        progress: show progress bars.
+    """
+    from omni_lightning.evaluation.mteb import format_summary, run_mteb
+
+    summary = run_mteb(model, out, tasks=tasks, benchmark=benchmark, prompts=prompts, batch_size=batch_size,
+                       device=device, download=download, overwrite=overwrite, progress=progress, fps=fps,
+                       max_frames=max_frames)
+    print(format_summary(summary, model))
+    print(f"wrote {out}/summary.md, {out}/summary.json and mteb's results under {out}/results")
+    return 0 if summary["complete"] else 1
+
+
 # name -> (function, help); the function's signature (or a dataclass) declares the options
 COMMANDS: dict[str, tuple[Callable[..., int] | type, str]] = {
     "init-model": (init_model, "write a model directory: the tiny preset or an assembly of local checkpoints"),
@@ -240,6 +270,7 @@ COMMANDS: dict[str, tuple[Callable[..., int] | type, str]] = {
     "demo": (demo, "the main job (`make demo`): the pipeline with configs/pipeline.yaml"),
     "dashboard": (dashboard, "build the W&B workspace with wandb-workspaces"),
     "export": (export, "a shareable folder (transformers AutoModel, sentence-transformers) with a model card"),
+    "mteb": (mteb_eval, "mteb tasks or a benchmark (MAEB) on a model directory, offline, with a summary table"),
 }
 JOBS: dict[str, tuple[Callable[..., int] | type, str]] = {
     "fuse": (FuseConfig, "omni-lightning fuse, then log its diagnostics as a W&B run"),

@@ -28,6 +28,8 @@ The record::
          | {"type": "video", "file": "<name>.npy"}                # numpy uint8 array [T, H, W, 3]
          | {"type": "audio", "file": "<name>.flac"}               # FLAC (WAV accepted: .wav), mono or
                                                                   # multi-channel, any sample rate
+    A media item may also carry "text": str -- a mixed-media item (an image and a question, an audio clip
+    and an instruction, as MMEB-V2 and MAEB have them): {"type": "image", "file": "query.png", "text": ...}.
 
 Other keys in the record or in an item are an error (a typo such as ``"positive"`` must fail loudly at
 start-up, not silently drop data). Every ``file`` must be present as a member of the same sample.
@@ -41,6 +43,7 @@ Decoded sample (what :func:`decode_sample` returns and what the datamodule / pro
           | {"type": "image" | "document", "image": np.uint8 [H, W, 3] RGB}
           | {"type": "video", "frames": np.uint8 [T, H, W, 3]}
           | {"type": "audio", "waveform": np.float32 [n] (mono: channels averaged), "sample_rate": int}
+    (a media DITEM keeps its "text" when the record item has one)
 
 Writers build records with :func:`encode_item`, which turns a DITEM (or raw encoded bytes, for pass-through
 of existing PNG/JPEG/FLAC/WAV files) into a record ITEM plus the member bytes. Every problem is reported as a
@@ -141,10 +144,13 @@ def validate_item(item: Any, members: Collection[str] | None, shard: Any, key: A
             raise SchemaError(shard, key, f"{field}.text",
                               "missing" if "text" not in item else f"is a {_tname(item.get('text'))}", "a string")
         return
-    extra = set(item) - {"type", "file"}
+    extra = set(item) - {"type", "file", "text"}
     if extra:
         raise SchemaError(shard, key, field, f"unexpected keys {sorted(extra)} in a {typ} item",
-                          "only 'type' and 'file'")
+                          "only 'type', 'file' and an optional 'text'")
+    if "text" in item and not isinstance(item["text"], str):
+        raise SchemaError(shard, key, f"{field}.text", f"is a {_tname(item['text'])}",
+                          "a string (the text of a mixed-media item)")
     file = item.get("file")
     exts = MEDIA_EXTENSIONS[typ]
     if not isinstance(file, str) or "." not in file:
@@ -262,13 +268,14 @@ def decode_item(item: Mapping[str, Any], raw: Mapping[str, Any], shard: Any, key
     data = raw[member]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SchemaError(shard, key, member, f"member holds a {_tname(data)}", "raw bytes (read without decoding)")
+    text = {"text": item["text"]} if "text" in item else {}  # a mixed-media item
     try:
         if typ in ("image", "document"):
-            return {"type": typ, "image": _decode_image(bytes(data))}
+            return {"type": typ, "image": _decode_image(bytes(data)), **text}
         if typ == "video":
-            return {"type": "video", "frames": _decode_video(bytes(data))}
+            return {"type": "video", "frames": _decode_video(bytes(data)), **text}
         wav, sr = _decode_audio(bytes(data))
-        return {"type": "audio", "waveform": wav, "sample_rate": sr}
+        return {"type": "audio", "waveform": wav, "sample_rate": sr, **text}
     except SchemaError:
         raise
     except NonFiniteMedia as exn:
@@ -383,7 +390,8 @@ def encode_item(item: Mapping[str, Any], name: str) -> tuple[dict, dict[str, byt
     * ``{"type": "audio", "waveform": float [n] or [n, ch] in [-1, 1], "sample_rate": int}`` → ``<name>.flac``
       (16-bit PCM);
     * pass-through of already encoded bytes: ``{"type": ..., "data": bytes, "ext": "png"|"jpg"|"flac"|...}``
-      → ``<name>.<ext>`` (the extension must be allowed for the type; the bytes are stored as they are).
+      → ``<name>.<ext>`` (the extension must be allowed for the type; the bytes are stored as they are);
+    * any media item with ``"text": str`` as well (a mixed-media item) → the record item keeps the text.
 
     Raises ``ValueError`` for anything else.
     """
@@ -398,6 +406,12 @@ def encode_item(item: Mapping[str, Any], name: str) -> tuple[dict, dict[str, byt
         if not isinstance(item.get("text"), str):
             raise ValueError(f"text item {name!r} needs a string 'text'")
         return {"type": "text", "text": item["text"]}, {}
+    if item.get("text") is not None:
+        if not isinstance(item["text"], str):
+            raise ValueError(f"{typ} item {name!r}: 'text' (of a mixed-media item) must be a string, "
+                             f"got {_tname(item['text'])}")
+        rec, data = encode_item({k: v for k, v in item.items() if k != "text"}, name)
+        return {**rec, "text": item["text"]}, data
     if "data" in item:
         ext = str(item.get("ext", "")).lower().lstrip(".")
         if ext not in MEDIA_EXTENSIONS[typ]:

@@ -1,5 +1,5 @@
 """Evaluation: retrieval metrics and model evaluation (:mod:`.retrieval`), projector drift (:mod:`.drift`),
-retrieval examples (:mod:`.examples`)."""
+retrieval examples (:mod:`.examples`); the mteb adapter is :mod:`.mteb` (imported on demand: mteb is heavy)."""
 
 from omni_lightning.evaluation.drift import (
     format_drift,
@@ -17,6 +17,7 @@ from omni_lightning.evaluation.retrieval import (
     KS,
     METRICS,
     NDCG_K,
+    RANKING_METRICS,
     Ranking,
     evaluate_model,
     evaluate_samples,
@@ -34,7 +35,8 @@ from omni_lightning.evaluation.retrieval import (
     zero_shot_accuracy,
 )
 
-__all__ = ["KS", "METRICS", "NDCG_K", "Ranking", "evaluate_model", "evaluate_samples", "evaluate_split",
+__all__ = ["KS", "METRICS", "NDCG_K", "RANKING_METRICS", "Ranking", "evaluate_model", "evaluate_samples",
+           "evaluate_split",
            "format_metrics", "format_table", "label_codes", "load_split", "pool_hit1", "rank_embeddings", "rank_scores",
            "ranking_metrics", "relevance", "retrieval_scores", "zero_shot_accuracy", "examples_for_model", "format_drift", "load_pairs", "load_pool", "measure_drift",
            "projector_owner", "retrieval_examples", "sliced_w1"]

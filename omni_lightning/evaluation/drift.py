@@ -3,8 +3,8 @@
 After fusion the projector maps audio into the hidden space of the *audio specialist's* backbone, not the
 fused one. :func:`measure_drift` quantifies that on audio–text eval pairs:
 
-* **retrieval** — text→audio and audio→text R@1 / R@5 (relevant = same caption label); the number that
-  drops after fusion and comes back after recovery;
+* **retrieval** — text→audio and audio→text hit@1 / hit@5 (kept as ``t2a_r1`` … ``a2t_r5``; relevant = same
+  caption label); the number that drops after fusion and comes back after recovery;
 * **where the projected audio tokens sit** relative to the backbone's input-embedding rows (the
   distribution the backbone was trained on):
   - ``norm_ratio`` — mean L2 norm of projected audio tokens / mean norm of embedding rows (1 = same scale);
@@ -78,7 +78,8 @@ def measure_drift(model, processor, samples: list[dict], reference=None, referen
         labels = [s.get("label") for s in samples]
         rel = relevance(labels, labels)
         t2a, a2t = retrieval_scores(q @ a.T, rel), retrieval_scores(a @ q.T, rel.T)
-        out = {"t2a_r1": t2a["r1"], "t2a_r5": t2a["r5"], "a2t_r1": a2t["r1"], "a2t_r5": a2t["r5"]}
+        # t2a_r1 etc. are hit@k (a relevant clip in the top k), kept under their historic names here
+        out = {"t2a_r1": t2a["hit1"], "t2a_r5": t2a["hit5"], "a2t_r1": a2t["hit1"], "a2t_r5": a2t["hit5"]}
 
         device = next(model.parameters()).device
         tokens = []

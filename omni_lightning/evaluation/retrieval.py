@@ -5,9 +5,12 @@ of every sample's positive (``q2c``: text → media), and the reverse (``c2q``: 
 relevant to a query when they share the sample ``label`` (captions repeat across instances), or when it is
 the query's own pair if the shard carries no labels. Metrics per direction:
 
-* ``r1``, ``r5``, ``r10`` — recall as hit rate (a relevant candidate in the top k), ``ndcg10`` (binary
-  gains), through torchmetrics' retrieval metrics; ``mrr`` — mean reciprocal rank of the best relevant
-  candidate, from its exact rank;
+* ``hit1``, ``hit5``, ``hit10`` — hit@k, the share of queries with a relevant candidate in the top k
+  (pytrec_eval's ``success@k``, MTEB's ``hit_rate_at_k``); ``recall1``, ``recall5``, ``recall10`` — recall@k,
+  the share of a query's relevant candidates that are in its top k, averaged over queries (pytrec_eval's
+  ``recall_k``, MTEB's ``recall_at_k``; it equals hit@k only when every query has one relevant candidate);
+  ``ndcg10`` — nDCG@10 with binary gains (MTEB's headline retrieval score); ``mrr`` — mean reciprocal rank of
+  the best relevant candidate, from its exact rank (pytrec_eval's ``recip_rank``, no cut-off);
 * ``pool_hit1`` — MMEB-style Hit@1: each query ranks its own positive against a pool of ``pool_size``
   candidates (its hard negatives, then distractors of other labels drawn with a fixed seed);
 * ``zs_acc`` — zero-shot classification (labelled shards): each media item is assigned the label whose
@@ -17,7 +20,8 @@ Memory stays bounded for large pools: corpora are encoded in batches, and scores
 ``query_chunk × cand_chunk`` while a running top-k (k = 10) and the best relevant score per query are kept;
 a second pass over the blocks counts the candidates ranked above that best relevant one (the exact rank
 for MRR). Ties are broken by candidate order (the earlier candidate ranks first) everywhere, so chunked and
-unchunked scoring agree exactly.
+unchunked scoring agree exactly. (pytrec_eval, and so MTEB, breaks ties by document id, in descending order;
+with candidate ids that sort descending in candidate order the two agree exactly — see the tests.)
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from omni_lightning.model.omni import load_model_and_processor
 
 KS = (1, 5, 10)
 NDCG_K = 10
-METRICS = tuple(f"{d}_{m}" for d in ("q2c", "c2q") for m in (*[f"r{k}" for k in KS], f"ndcg{NDCG_K}", "mrr")) + (
-    "pool_hit1", "zs_acc")
+RANKING_METRICS = (*[f"hit{k}" for k in KS], *[f"recall{k}" for k in KS], f"ndcg{NDCG_K}", "mrr")
+METRICS = tuple(f"{d}_{m}" for d in ("q2c", "c2q") for m in RANKING_METRICS) + ("pool_hit1", "zs_acc")
 
 
 # ---------------------------------------------------------------------------------------------- relevance
@@ -139,8 +143,8 @@ def rank_embeddings(queries: Tensor, cands: Tensor, q_codes: Tensor, c_codes: Te
 
 
 def ranking_metrics(r: Ranking, ks: tuple[int, ...] = KS, ndcg_k: int = NDCG_K) -> dict[str, float]:
-    """Hit rate @k and nDCG@k (torchmetrics) and MRR, averaged over queries (0 for a query with nothing
-    relevant).
+    """``hit<k>`` and ``ndcg<k>`` (torchmetrics), ``recall<k>`` and ``mrr``, averaged over queries (0 for a
+    query with nothing relevant).
 
     torchmetrics sees each query as a short ranked list: its top-k relevance flags, then as many relevant
     items as the ideal ranking needs beyond them (so nDCG's ideal DCG counts every relevant candidate),
@@ -159,14 +163,19 @@ def ranking_metrics(r: Ranking, ks: tuple[int, ...] = KS, ndcg_k: int = NDCG_K) 
     indexes = torch.arange(Q).repeat_interleave(L)
     out: dict[str, float] = {}
     for k in ks:
-        out[f"r{k}"] = float(RetrievalHitRate(top_k=k)(preds, target.flatten(), indexes=indexes))
+        out[f"hit{k}"] = float(RetrievalHitRate(top_k=k)(preds, target.flatten(), indexes=indexes))
+    found = r.topk.long().cumsum(1)  # relevant candidates within the first j + 1 ranks
+    for k in ks:
+        within = found[:, min(k, found.shape[1]) - 1] if found.shape[1] else torch.zeros(Q, dtype=torch.long)
+        out[f"recall{k}"] = float((within.double() / r.n_relevant.clamp(min=1).double()).mean()) if Q else 0.0
     out[f"ndcg{ndcg_k}"] = float(RetrievalNormalizedDCG(top_k=ndcg_k)(preds, target.flatten(), indexes=indexes))
     out["mrr"] = float((1.0 / r.first_rank).mean())
     return out
 
 
 def retrieval_scores(scores: Tensor, relevant: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Metrics of a score matrix in memory: ``r<k>``, ``ndcg10`` and ``mrr`` averaged over queries."""
+    """Metrics of a score matrix in memory: ``hit<k>``, ``recall<k>``, ``ndcg10`` and ``mrr`` averaged over
+    queries."""
     return ranking_metrics(rank_scores(scores, relevant, k=max(*ks, NDCG_K)), ks)
 
 
@@ -289,7 +298,7 @@ def evaluate_model(model_dir: str | Path, data_root: str | Path, modalities: lis
             for m in modalities}
 
 
-def format_table(rows: dict[str, dict[str, dict[str, float]]], metric: str = "q2c_r1") -> str:
+def format_table(rows: dict[str, dict[str, dict[str, float]]], metric: str = "q2c_hit1") -> str:
     """A markdown table: one row per model, one column per modality, cells = ``metric``."""
     mods = [m for m in MODALITIES if any(m in r for r in rows.values())]
     lines = ["| model | " + " | ".join(mods) + " |", "|---|" + "---|" * len(mods)]

@@ -13,7 +13,9 @@ carries the task instruction, ``candidate_template`` otherwise). Media become pl
 
 Items are described by the dicts that :mod:`omni_lightning.data.schema` decodes: ``{"type": "text",
 "text": ...}``, ``{"type": "image"|"document", "image": HxWx3 uint8}``, ``{"type": "video", "frames":
-TxHxWx3 uint8}``, ``{"type": "audio", "waveform": float32 [n], "sample_rate": int}``.
+TxHxWx3 uint8}``, ``{"type": "audio", "waveform": float32 [n], "sample_rate": int}``. A media item may also
+carry ``"text"`` (a mixed-media item: an image and a question, an audio clip and an instruction); its content
+is the medium's placeholder, a newline, then the text.
 """
 
 from __future__ import annotations
@@ -61,13 +63,18 @@ class OmniProcessor:
         if kind == "text":
             return str(item["text"])
         if kind in ("image", "document"):
-            return IMAGE_PLACEHOLDER
-        if kind == "video":
-            return VIDEO_PLACEHOLDER
-        if kind == "audio":
+            media = IMAGE_PLACEHOLDER
+        elif kind == "video":
+            media = VIDEO_PLACEHOLDER
+        elif kind == "audio":
             n = audio_token_count(self.config, audio_len or 0)
-            return self.audio_start + self.audio_pad * n + self.audio_end
-        raise ValueError(f"unknown item type {kind!r}; expected one of {ITEM_TYPES}")
+            media = self.audio_start + self.audio_pad * n + self.audio_end
+        else:
+            raise ValueError(f"unknown item type {kind!r}; expected one of {ITEM_TYPES}")
+        text = item.get("text")  # a mixed-media item: the medium, then its text (a question, an instruction)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"the text of a {kind} item must be a string, got {type(text).__name__}")
+        return f"{media}\n{text}" if text else media
 
     def __call__(self, items: list[dict[str, Any]], instruction: str | list[str] | None = None) -> dict[str, Tensor]:
         """Model inputs for a list of items. ``instruction`` (one, or one per item) selects the query template."""

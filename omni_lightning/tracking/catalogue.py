@@ -21,7 +21,9 @@ from omni_lightning.modalities import FIT_PHASES, MODEL_PHASES, SPECIALISTS
 # ------------------------------------------------------------------------------------------ the catalogue
 STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger defines every metric against it
 DRIFT_METRICS = ("t2a_r1", "a2t_r1", "norm_ratio", "sliced_w1")  # of ProjectorDrift (+ ref_cosine with a reference)
-EVAL_METRICS = ("q2c_r1", "c2q_r1", "pool_hit1")  # plotted; every metric of an eval result is logged
+# plotted (every metric of an eval result is logged): hit@1 both ways, nDCG@10 text → media, MMEB-style pool Hit@1.
+# Eval metric names follow the field: hit<k> (success@k), recall<k> (recall@k), ndcg10, mrr; see evaluation.retrieval
+EVAL_METRICS = ("q2c_hit1", "c2q_hit1", "q2c_ndcg10", "pool_hit1")
 LR_REGEX = r"^lr-"  # LearningRateMonitor: lr-<optimizer>/<param group name>
 
 
@@ -102,7 +104,7 @@ def panels(section: str, modalities: tuple[str, ...] | None = None, names: tuple
         out = [
             Panel("train loss per modality", "line", tuple(train_loss(p, m) for m in mods)),
             Panel("val loss per modality", "line", tuple(val_loss(p, m) for m in mods)),
-            Panel("val R@1 per modality", "line", tuple(val_r1(p, m) for m in mods)),
+            Panel("val in-batch hit@1 per modality", "line", tuple(val_r1(p, m) for m in mods)),
             Panel("samples/s", "line", (samples_per_sec(p),)),
             Panel("skipped samples", "line", (skipped(p),)),
         ]
