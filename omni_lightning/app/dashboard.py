@@ -119,7 +119,13 @@ def run_dashboard(entity: str, project: str, name: str = DEFAULT_NAME, sections:
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         raise ValueError(f"WANDB_MODE={os.environ['WANDB_MODE']}: saving a workspace needs W&B's servers; run with "
                          "WANDB_MODE=online (and an API key: `wandb login`) or use --dry_run")
-    saved = workspace.save()
+    from wandb.errors import UsageError
+
+    try:
+        saved = workspace.save()
+    except UsageError as e:  # no API key (W&B's own message says so), or another usage problem
+        raise ValueError(f"saving the workspace online needs a W&B API key (WANDB_API_KEY or `wandb login`): "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0].rstrip('.')} (--dry_run prints the workspace without one)") from None
     print(f"saved W&B workspace: {saved.url}")
     return 0
 

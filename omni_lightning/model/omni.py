@@ -192,7 +192,7 @@ class OmniEmbedder(nn.Module):
         return torch.cat(outs, 0)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | Path, processor=None, max_shard_size: str | int = "5GB") -> Path:
+    def save_pretrained(self, directory: str | Path, processor=None, max_shard_size: str | int = "2GB") -> Path:
         """Write config, safetensors weights (sharded above ``max_shard_size``) and processor files atomically."""
         from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -229,17 +229,25 @@ class OmniEmbedder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> "OmniEmbedder":
-        """Load a model directory written by :meth:`save_pretrained` (bit-exact)."""
+        """Load a model directory written by :meth:`save_pretrained` (bit-exact). The parameters keep the dtype they
+        are stored in (a bf16 directory loads as bf16, without a float32 detour) unless ``dtype`` is given."""
         directory = check_local_dir(directory, "model directory")
         config = OmniConfig.load(directory)
         try:
             from transformers.initialization import no_init_weights
         except ImportError:  # pragma: no cover - older transformers
             no_init_weights = contextlib.nullcontext
-        with no_init_weights():
-            model = cls(config)
         state = load_safetensors_dir(directory)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        floats = [v.dtype for v in state.values() if v.is_floating_point()]
+        stored = max(set(floats), key=floats.count) if floats else torch.float32
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(stored)
+        try:
+            with no_init_weights():  # the storage stays untouched until the loaded tensors replace it
+                model = cls(config)
+        finally:
+            torch.set_default_dtype(previous)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(
                 f"{directory}: weights do not match the omni config: missing {sorted(missing)[:5]}"
