@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,3 +89,52 @@ def check_output_apart(output: str | os.PathLike, inputs: Mapping[str, str | os.
         raise ValueError(f"{what} {output} ({out}) {how} the {name} {path} ({p}): writing it would delete or "
                          f"change an input. Choose an output folder apart from every input")
     return out
+
+
+log = logging.getLogger(__name__)
+
+
+def lock_output(dest: str | os.PathLike) -> list:
+    """Take the exclusive lock of an output folder written through temporary folders beside it (``flock`` on
+    ``.<name>.lock`` in its parent; non-blocking): ``[fd, path]`` for :func:`unlock_output`. Refuses (with
+    ``FileExistsError``) while another write to the same output holds it; a killed writer's lock dies with it."""
+    dest = Path(dest)
+    path = dest.parent / f".{dest.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exn:
+            os.close(fd)
+            if exn.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FileExistsError(f"another write to {dest} is in progress (it holds {path}); wait for it to "
+                                      "finish") from None
+            raise
+        try:  # the holder before us may have removed the file after we opened it: lock the current one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return [fd, path]
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def unlock_output(lock: list) -> None:
+    fd, path = lock
+    if fd is None:
+        return
+    try:
+        Path(path).unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the flock
+        lock[0] = None
+
+
+def remove_leftovers(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders of ``dest`` (``.<name>.tmp-*``, ``.<name>.old-*``) that a killed write left
+    beside it. Call with the output's lock held (:func:`lock_output`): then no live write owns them."""
+    dest = Path(dest)
+    found = sorted(p for pattern in (f".{dest.name}.tmp-*", f".{dest.name}.old-*") for p in dest.parent.glob(pattern))
+    for p in found:
+        log.warning("removing %s, left over by an interrupted write of %s", p, dest)
+        shutil.rmtree(p, ignore_errors=True)
+    return found

@@ -559,3 +559,18 @@ def test_demo_data_is_deterministic_and_structured(tmp_path):
     assert set(captions["video"]) <= set(vocab) and set(DEMO_INSTRUCTIONS.values()) <= set(vocab)
     text_train = list(iter_samples(tmp_path / "a" / "text" / "train"))
     assert all(s["pos"]["text"] in vocab and s["pos"]["text"] != s["query"]["text"] for s in text_train)
+
+
+def test_diag_split_never_touches_eval(tmp_path):
+    """The diagnostic split (for choosing α) holds new instances of train-pool digits: no eval source digit,
+    no sample equal to a train or eval sample."""
+    make_demo_data(tmp_path, n_train=40, n_eval=20, n_diag=20, modalities=["image", "audio"], max_per_shard=40)
+    for m in ("image", "audio"):
+        split = {s: list(iter_samples(tmp_path / m / s)) for s in ("train", "eval", "diag")}
+        assert len(split["diag"]) == 20
+        key = (lambda x: x["pos"]["image"].tobytes()) if m == "image" else (lambda x: x["pos"]["waveform"].tobytes())
+        diag = {key(x) for x in split["diag"]}
+        assert diag.isdisjoint(key(x) for x in split["train"]) and diag.isdisjoint(key(x) for x in split["eval"])
+        if m == "image":
+            src = {s: {d for x in split[s] for d in x["meta"]["source_digits"]} for s in split}
+            assert src["diag"].isdisjoint(src["eval"])

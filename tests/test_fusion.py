@@ -708,7 +708,7 @@ def test_existing_destination_needs_overwrite(ckpts, tmp_path):
     assert listing(out) == ["keep.txt"]
     run(b, dirs, out, overwrite=True)
     assert "model.safetensors" in listing(out) and "keep.txt" not in listing(out)
-    with pytest.raises(FusionError, match="overwrite or nest inside input"):
+    with pytest.raises(FusionError, match="is the base model"):
         run(b, dirs, b, overwrite=True)
 
 
@@ -951,3 +951,55 @@ def test_slurm_script_runs_end_to_end_under_a_stand_in_srun(demo_layout, tmp_pat
     proc = subprocess.run(["bash", str(script), "--method", "ties"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- nothing lost
+def test_an_output_that_holds_an_input_is_refused_before_anything_is_read(tmp_path):
+    """--out equal to, containing, or inside an input (symlinks resolved) is refused and nothing is touched — even
+    with --overwrite, which would otherwise replace the output folder."""
+    b, dirs, _, _ = make_set(tmp_path / "p")
+    (tmp_path / "link").symlink_to(tmp_path / "p")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "p").rglob("*")}
+    for out, how in ((tmp_path / "p", "contains"), (tmp_path / "link", "contains"), (dirs[0], "is"),
+                     (dirs[1] / "sub", "lies inside")):
+        with pytest.raises(FusionError, match=how):
+            run(b, dirs, out, overwrite=True)
+    with pytest.raises(FusionError, match="--diagnostics_dir"):
+        run(b, dirs, tmp_path / "x", diagnose_only=True, diagnostics_dir=str(tmp_path / "p"))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "p").rglob("*")} == before
+
+
+def test_a_killed_fuse_leaves_nothing_the_next_run_mistakes_for_a_result(tmp_path):
+    """Temporary folders of a killed fuse are swept by the next fuse to the same output; while one fuse holds an
+    output, a second one is refused. Outputs follow the user's umask."""
+    from omni_lightning.utils import lock_output, unlock_output
+
+    b, dirs, _, _ = make_set(tmp_path)
+    out = tmp_path / "fused"
+    stale = [tmp_path / ".fused.tmp-abc123", tmp_path / ".fused.old-999"]
+    for d in stale:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    lock = lock_output(out)
+    try:
+        with pytest.raises(FileExistsError, match="in progress"):
+            run(b, dirs, out)
+    finally:
+        unlock_output(lock)
+    assert all(d.exists() for d in stale)  # a live write's folders are never touched
+    old = os.umask(0o022)
+    try:
+        run(b, dirs, out)
+    finally:
+        os.umask(old)
+    assert not any(d.exists() for d in stale) and not list(tmp_path.glob(".fused.*"))
+    assert (out.stat().st_mode & 0o777) == 0o755 and ((out / "model.safetensors.index.json").exists()
+                                                       or (out / "model.safetensors").exists())
+
+
+def test_coefficients_that_overflow_the_output_dtype_are_an_error(tmp_path):
+    """α = 1e6 on float16 weights gives inf: an error naming the tensor, and no output."""
+    b, dirs, _, _ = make_set(tmp_path)
+    with pytest.raises(FusionError, match=r"model\.layers\.0\.mlp\.bias has \d+ non-finite values in F16"):
+        run(b, dirs, tmp_path / "out", alpha=[1e6, 1e6, 1e6])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -39,6 +39,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from omni_lightning.app import jobs
 from omni_lightning.app.dashboard import DEFAULT_NAME, run_dashboard
 from omni_lightning.app.fit import LIGHTNING_SUBCOMMANDS, lightning_cli
+from omni_lightning.app.grid import GridConfig, grid_markdown, run_grid
 from omni_lightning.app.pipeline import PipelineConfig, config_path, run_pipeline
 from omni_lightning.app.pipeline import parser as pipeline_parser
 from omni_lightning.data.shards import shard_manifest
@@ -109,7 +110,7 @@ def make_demo_data(out: str, seed: int = 0, n_train: int | None = None, n_eval: 
 
 
 def shard(manifest: str, out: str, modality: str, split: str = "train", max_per_shard: int = 1000,
-          overwrite: bool = False) -> int:
+          overwrite: bool = False, allow_outside: bool = False) -> int:
     """Turn a JSONL manifest of pairs into webdataset shards.
 
     Args:
@@ -119,8 +120,11 @@ def shard(manifest: str, out: str, modality: str, split: str = "train", max_per_
         split: split name.
         max_per_shard: samples per shard.
         overwrite: replace an existing shard set.
+        allow_outside: accept media paths that are absolute or leave the manifest's folder (../).
     """
-    print(f"wrote shards to {shard_manifest(manifest, out, modality, split, max_per_shard=max_per_shard, overwrite=overwrite)}")
+    written = shard_manifest(manifest, out, modality, split, max_per_shard=max_per_shard, overwrite=overwrite,
+                             allow_outside=allow_outside)
+    print(f"wrote shards to {written}")
     return 0
 
 
@@ -223,8 +227,27 @@ def export(model: str, out: str, backbone_only: bool = False, eval_results: str 
     return 0
 
 
-def fuse(cfg: FuseConfig) -> int:
-    return run_cli(cfg)
+def fuse(cfg: FuseConfig, grid: str | None = None, data: str | None = None) -> int:
+    """Fuse; with ``grid``, fuse every α setting of that grid file and score each on ``data``'s diagnostic split."""
+    if grid is None:
+        return run_cli(cfg)
+    if not data or not cfg.out:
+        raise ValueError("fuse --grid needs --data (a dataset root with a diagnostic split) and --out (the grid's folder)")
+    summary = run_grid(cfg, GridConfig.load(grid), data, cfg.out)
+    print(grid_markdown(summary))
+    print("best by the rule: α " + ", ".join(f"{k} {v:g}" for k, v in summary["best"]["alpha"].items())
+          + f"; wrote {cfg.out}/grid.json, grid.md and grid.png")
+    return 0
+
+
+def add_grid_arguments(p: ArgumentParser) -> None:
+    p.add_argument("--grid", type=str | None, default=None,
+                   help="an α grid file (configs/fuse-grid.yaml): fuse each setting, score it on --data's diagnostic "
+                   "split, write grid.{json,md,png} under --out and name the best setting")
+    p.add_argument("--data", type=str | None, default=None, help="with --grid: the dataset root")
+
+
+GRID_KEYS = ("grid", "data")
 
 
 def mteb_eval(model: str, out: str, tasks: list[str] | None = None, benchmark: str | None = None,
@@ -278,14 +301,16 @@ JOBS: dict[str, tuple[Callable[..., int] | type, str]] = {
 }
 
 
-def _subparser(target, extra: Callable[[ArgumentParser], None] | None = None) -> ArgumentParser:
+def _subparser(target, extra: Callable[[ArgumentParser], None] | None = None,
+               skip: frozenset[str] = frozenset()) -> ArgumentParser:
+    """A subcommand's parser: ``--config``, the options of ``target`` (a function's parameters less ``skip``, or a
+    dataclass's fields), and the ``extra`` ones."""
     p = ArgumentParser(exit_on_error=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of this subcommand's options")
     if isinstance(target, type):
         p.add_class_arguments(target, nested_key=None, fail_untyped=True, sub_configs=True)
     else:
-        skip = {"model", "out"} if extra is not None else set()  # jobs eval: --models, --out folder instead
-        p.add_function_arguments(target, skip=skip)
+        p.add_function_arguments(target, skip=set(skip))
     if extra is not None:
         extra(p)
     return p
@@ -297,13 +322,15 @@ def parser() -> ArgumentParser:
                        "`omni-lightning fit --config configs/...yaml` (LightningCLI; see `omni-lightning fit --help`).")
     sub = p.add_subcommands(dest="command")
     for name, (target, help_) in COMMANDS.items():
-        sub.add_subcommand(name, pipeline_parser() if name == "pipeline" else _subparser(target), help=help_)
+        parser_ = (pipeline_parser() if name == "pipeline" else
+                   _subparser(target, add_grid_arguments) if name == "fuse" else _subparser(target))
+        sub.add_subcommand(name, parser_, help=help_)
     jp = ArgumentParser(exit_on_error=False, description="fuse / eval as W&B runs (offline unless WANDB_MODE says "
                         "otherwise); the SLURM scripts use them")
     sub.add_subcommand("jobs", jp, help="fuse / eval logged as W&B runs (used by slurm/fuse.sh and slurm/eval.sh)")
     jsub = jp.add_subcommands(dest="job")
     jsub.add_subcommand("fuse", _subparser(FuseConfig, jobs.add_fuse_arguments), help=JOBS["fuse"][1])
-    jsub.add_subcommand("eval", _subparser(evaluate, jobs.add_eval_arguments), help=JOBS["eval"][1])
+    jsub.add_subcommand("eval", _subparser(evaluate, jobs.add_eval_arguments, skip=frozenset({"model", "out"})), help=JOBS["eval"][1])
     return p
 
 
@@ -409,7 +436,7 @@ def dispatch(p: ArgumentParser, cfg) -> int:
         return jobs.eval_job(evaluate, **opts)
     opts = _options(cfg[command])
     if command == "fuse":
-        return fuse(fuse_config(opts))
+        return fuse(fuse_config(opts, GRID_KEYS), **{k: opts.get(k) for k in GRID_KEYS})
     return COMMANDS[command][0](**opts)
 
 

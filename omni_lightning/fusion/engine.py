@@ -62,6 +62,7 @@ from typing import Any, Iterator
 
 import torch
 
+from omni_lightning.fusion import methods as _methods
 from omni_lightning.fusion.checkpoint import DTYPES
 from omni_lightning.fusion.config import (
     FuseConfig,
@@ -76,14 +77,19 @@ from omni_lightning.fusion.diagnostics import (
     format_diagnostics,
     plot_diagnostics,
 )
-from omni_lightning.fusion import methods as _methods
 from omni_lightning.fusion.methods import DARE_BLOCK, Chunk, ThresholdCache, make_method
 from omni_lightning.fusion.plan import Plan, Segment, TensorPlan, _Task, build_plan
 from omni_lightning.fusion.reader import _nonfinite, _Reader, _typed, read_rows
 from omni_lightning.fusion.writer import ShardedWriter
 from omni_lightning.model.config import CONFIG_NAME, OmniConfig
 from omni_lightning.model.omni import WEIGHTS_INDEX_NAME
-from omni_lightning.utils import atomic_write_text
+from omni_lightning.utils import (
+    atomic_write_text,
+    dir_mode,
+    lock_output,
+    remove_leftovers,
+    unlock_output,
+)
 
 
 class _Workspace:
@@ -303,7 +309,13 @@ class _Engine:
         chunk = Chunk(t.name, r0 * t.row_numel, base_f, D, t.alphas, self.plan.names[1:], specialist, self.ws.get,
                       total)
         acc = self.method.merge(chunk, self.ws.get("acc", n))
-        return acc if t.dtype == "F32" else acc.to(DTYPES[t.dtype][0])
+        out = acc if t.dtype == "F32" else acc.to(DTYPES[t.dtype][0])
+        bad = ~torch.isfinite(out)
+        if bool(bad.any()):  # finite inputs, non-finite result: the coefficients overflow the output dtype
+            raise FusionError(f"fused tensor {t.name} has {int(bad.sum())} non-finite values in {t.dtype} (rows {r0}.."
+                              f"{r0 + rows - 1}): the coefficients {dict(zip(self.plan.names[1:], t.alphas))} overflow "
+                              "the output dtype; use smaller coefficients or float32 weights. Nothing was written")
+        return out
 
 
 # ============================================================================================ entry points
@@ -415,7 +427,17 @@ def fuse(cfg: FuseConfig, thresholds: ThresholdCache | None = None) -> FuseResul
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite (overwrite: true) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_output(out)  # one fuse per output at a time; a killed one's temporary folders are swept now
+    try:
+        remove_leftovers(out)
+        return _fuse_into(cfg, plan, out, thresholds)
+    finally:
+        unlock_output(lock)
+
+
+def _fuse_into(cfg: FuseConfig, plan: Plan, out: Path, thresholds: ThresholdCache | None) -> FuseResult:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, dir_mode())  # the output follows the user's umask, not mkdtemp's 0700
     writer: ShardedWriter | None = None
     old_handler = None
     if threading.current_thread() is threading.main_thread():

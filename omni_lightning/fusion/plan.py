@@ -24,6 +24,7 @@ from omni_lightning.fusion.config import (
     validate_config,
 )
 from omni_lightning.model.config import CONFIG_NAME, expand_parts
+from omni_lightning.utils import check_output_apart
 
 
 @dataclass
@@ -231,17 +232,19 @@ def token_rows(base: Checkpoint, specs: list[Checkpoint], names: list[str], omni
 def build_plan(cfg: FuseConfig) -> Plan:
     """Open every input's headers and decide, per tensor, what the output holds. Reads no tensor data."""
     validate_config(cfg)
+    given = {"base model": cfg.base, **{f"specialist {n!r}": s for n, s in zip(cfg.names, cfg.specialists)}}
+    for out, what in ((cfg.out, "--out"), (cfg.diagnostics_dir if cfg.diagnose_only else None, "--diagnostics_dir")):
+        if out:  # before anything is read: an output that is, holds or lies inside an input would destroy it
+            try:
+                check_output_apart(out, given, what)
+            except ValueError as e:
+                raise FusionError(str(e)) from None
     base = Checkpoint(cfg.base, "base model")
     specs = [Checkpoint(p, f"specialist {n!r}") for p, n in zip(cfg.specialists, cfg.names)]
     inputs = [base, *specs]
     names = ["base", *cfg.names]
     M = len(specs)
     warnings: list[str] = []
-    if cfg.out:
-        out = Path(cfg.out).expanduser().resolve()
-        for ck in inputs:
-            if out == ck.path.resolve() or ck.path.resolve() in out.parents:
-                raise FusionError(f"output {cfg.out} would overwrite or nest inside input {ck.path}")
 
     # the same kind of model directory, the same architecture
     for s, n in zip(specs, cfg.names):

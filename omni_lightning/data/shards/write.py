@@ -10,8 +10,6 @@ it lists, so a leftover is never mistaken for a result. The output follows the u
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -32,7 +30,7 @@ from omni_lightning.data.schema import (
     encode_record,
 )
 from omni_lightning.data.shards.layout import INDEX_NAME, SHARD_PATTERN, split_dir
-from omni_lightning.utils import dir_mode
+from omni_lightning.utils import dir_mode, lock_output, remove_leftovers, unlock_output
 
 log = logging.getLogger(__name__)
 
@@ -57,48 +55,7 @@ def _discard(open_files: list[Any], tmp: str, lock: list[Any] | None = None) -> 
             pass
     shutil.rmtree(tmp, ignore_errors=True)
     if lock:
-        _unlock(lock)
-
-
-def _lock_output(parent: Path, split: str) -> list[Any]:
-    """Take the output's exclusive lock (non-blocking); ``[fd, path]``. Refuses when another write holds it."""
-    path = parent / f".{split}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exn:
-            os.close(fd)
-            if exn.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise FileExistsError(f"another write to {parent / split} is in progress (it holds {path}); wait "
-                                      "for it to finish") from None
-            raise
-        try:  # the holder before us may have removed the file after we opened it: lock the current one
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return [fd, path]
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-def _unlock(lock: list[Any]) -> None:
-    fd, path = lock
-    if fd is None:
-        return
-    try:
-        Path(path).unlink(missing_ok=True)
-    finally:
-        os.close(fd)  # releases the flock
-        lock[0] = None
-
-
-def _remove_leftovers(parent: Path, split: str) -> list[Path]:
-    """Temporary folders of this output left by a killed write (call with the output's lock held)."""
-    found = sorted(p for pattern in (f".{split}.tmp-*", f".{split}.old-*") for p in parent.glob(pattern))
-    for p in found:
-        log.warning("removing %s, left over by an interrupted write of %s", p, parent / split)
-        shutil.rmtree(p, ignore_errors=True)
-    return found
+        unlock_output(lock)
 
 
 class ShardSetWriter:
@@ -132,13 +89,13 @@ class ShardSetWriter:
         parent = self.dest.parent
         self._created_parents = [p for p in [parent, *parent.parents] if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_output(parent, split)
+        self._lock = lock_output(parent / split)
         try:
-            self.leftovers = _remove_leftovers(parent, split)
+            self.leftovers = remove_leftovers(parent / split)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=parent))
             os.chmod(self.tmp, dir_mode())  # mkdtemp's 0700 would make the renamed set private
         except BaseException:
-            _unlock(self._lock)
+            unlock_output(self._lock)
             raise
         # a writer dropped without commit/abort still removes its temporary directory and releases the lock
         self._open_files: list[Any] = []
@@ -220,7 +177,7 @@ class ShardSetWriter:
             self._finalizer.detach()
             if trash is not None:
                 shutil.rmtree(trash, ignore_errors=True)
-            _unlock(self._lock)
+            unlock_output(self._lock)
         except BaseException:
             self.abort()
             raise
@@ -233,7 +190,7 @@ class ShardSetWriter:
             self._close_current()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            _unlock(self._lock)
+            unlock_output(self._lock)
             self._finalizer.detach()
             for p in self._created_parents:  # innermost first; only directories this writer created
                 try:
