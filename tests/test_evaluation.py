@@ -297,3 +297,52 @@ def test_mixed_media_query_embeds_differently_and_round_trips_through_a_shard(ti
         validate_item({"type": "image", "file": "query.png", "text": 3}, None, "s", "k", "query")
     with pytest.raises(SchemaError, match="only 'type', 'file' and an optional 'text'"):
         validate_item({"type": "image", "file": "query.png", "caption": "x"}, None, "s", "k", "query")
+
+
+def test_non_finite_embeddings_are_an_error_not_a_perfect_score(tiny_model_dir, demo_root, tmp_path, capsys):
+    """A model whose weights hold NaN: NaN scores compare false and would rank everything first (MRR 1.0); eval
+    refuses it, naming the model, the modality and how many rows."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from omni_lightning.app.cli import main
+
+    bad = tmp_path / "nan-model"
+    shutil.copytree(tiny_model_dir, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    key = next(k for k in state if k.endswith("language_model.norm.weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    rc = main(["eval", "--model", str(bad), "--data", str(demo_root), "--modalities", "image", "--max-samples", "8",
+               "--no-progress", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "8 of 8 image query embeddings are not finite" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_of_missing_data_is_an_error_and_results_record_skips(tiny_model_dir, demo_root, tmp_path, capsys):
+    from conftest import corrupt_member
+
+    from omni_lightning.app.cli import main
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "empty")]) == 2
+    assert "no eval shards" in capsys.readouterr().err
+    # a corrupt sample is skipped and the results say how many
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "image", data / "image")
+    shard = sorted((data / "image" / "eval").glob("*.tar"))[0]
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        member = next(m.name for m in tf.getmembers() if m.name.endswith(".pos.png"))
+    corrupt_member(shard, member)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["image"]
+    assert res["skipped"] == 1 and res["n"] == 47  # demo_root holds 48 eval samples per modality

@@ -36,7 +36,7 @@ from torch import Tensor
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG
 from tqdm.auto import tqdm
 
-from omni_lightning.data.shards import iter_samples, split_dir
+from omni_lightning.data.shards import SkipCounter, iter_samples, split_dir
 from omni_lightning.modalities import MODALITIES
 from omni_lightning.model.omni import load_model_and_processor
 
@@ -215,12 +215,14 @@ def zero_shot_accuracy(media: Tensor, media_labels: list, prompts: Tensor, promp
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def load_split(directory: str | Path, max_samples: int | None = None) -> list[dict]:
-    """The first ``max_samples`` decoded samples of a shard set (all of them for ``None``), in shard order."""
+def load_split(directory: str | Path, max_samples: int | None = None, skips: SkipCounter | None = None) -> list[dict]:
+    """The first ``max_samples`` decoded samples of a shard set (all of them for ``None``), in shard order; corrupt
+    samples are skipped and counted in ``skips``."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"no shards at {directory} (the folder does not exist)")
     samples = []
-    for s in iter_samples(str(directory), resampled=False, split_nodes=False, split_workers=False):
+    for s in iter_samples(str(directory), resampled=False, split_nodes=False, split_workers=False,
+                          handler_skips=skips):
         samples.append(s)
         if max_samples is not None and len(samples) >= max_samples:
             break
@@ -257,6 +259,11 @@ def evaluate_samples(model, processor, samples: list[dict], batch_size: int = 64
     try:
         q = enc([s["query"] for s in samples], [s["instruction"] for s in samples])
         c = enc([s["pos"] for s in samples], None)
+        for side, e in (("query", q), ("candidate", c)):  # NaN compares false: it would rank first and score 1.0
+            bad = int((~torch.isfinite(e)).any(dim=-1).sum())
+            if bad:
+                raise NonFiniteEmbeddings(f"{bad} of {len(e)} {samples[0].get('modality', '?')} {side} embeddings "
+                                          "are not finite (NaN or inf): the model's weights or inputs are broken")
         negs = enc([n for s in samples for n in s["negs"][:n_negs]], None).view(len(samples), n_negs, -1) if n_negs else None
         prompts = enc([p["query"] for p in prompts_for.values()], [p["instruction"] for p in prompts_for.values()]) if labelled else None
     finally:
@@ -277,25 +284,42 @@ def evaluate_samples(model, processor, samples: list[dict], batch_size: int = 64
     return out
 
 
+class NonFiniteEmbeddings(ValueError):
+    """A model produced NaN/inf embeddings: its metrics would be meaningless (NaN ranks first)."""
+
+
 def evaluate_split(model, processor, directory: str | Path, batch_size: int = 64, progress: bool = True,
                    max_samples: int | None = None, **kwargs: Any) -> dict[str, float]:
-    samples = load_split(directory, max_samples)
-    return evaluate_samples(model, processor, samples, batch_size, progress=progress,
-                            desc=f"encode {Path(directory).parent.name}", **kwargs)
+    """:func:`evaluate_samples` of a shard set; ``skipped`` records how many corrupt samples were left out."""
+    skips = SkipCounter()
+    samples = load_split(directory, max_samples, skips)
+    out = evaluate_samples(model, processor, samples, batch_size, progress=progress,
+                           desc=f"encode {Path(directory).parent.name}", **kwargs)
+    out["skipped"] = skips.count
+    return out
 
 
 def evaluate_model(model_dir: str | Path, data_root: str | Path, modalities: list[str] | None = None,
                    split: str = "eval", batch_size: int = 64, progress: bool = True,
                    **kwargs: Any) -> dict[str, dict[str, float]]:
     """Metrics per modality of a model directory on ``<data_root>/<modality>/<split>/``."""
+    if not Path(data_root).is_dir():
+        raise FileNotFoundError(f"data root {data_root} does not exist")
     available = [m for m in MODALITIES if split_dir(data_root, m, split).is_dir()]
+    if not available:
+        raise FileNotFoundError(f"no {split} shards under {data_root} (expected {data_root}/<modality>/{split}/)")
     modalities = list(modalities or available)
     missing = [m for m in modalities if m not in available]
     if missing:
         raise FileNotFoundError(f"no {split} shards for {missing} under {data_root} (found: {available or 'none'})")
     model, processor = load_model_and_processor(model_dir)
-    return {m: evaluate_split(model, processor, split_dir(data_root, m, split), batch_size, progress, **kwargs)
-            for m in modalities}
+    out = {}
+    for m in modalities:
+        try:
+            out[m] = evaluate_split(model, processor, split_dir(data_root, m, split), batch_size, progress, **kwargs)
+        except NonFiniteEmbeddings as e:
+            raise NonFiniteEmbeddings(f"model {model_dir}: {e}") from None
+    return out
 
 
 def format_table(rows: dict[str, dict[str, dict[str, float]]], metric: str = "q2c_hit1") -> str:
