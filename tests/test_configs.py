@@ -14,17 +14,29 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
+GRID = REPO / "configs" / "fuse-grid.yaml"  # the α grid file `fuse --grid` reads (not a subcommand's options)
+
+
 def command(config: Path) -> str:
     """The subcommand a config belongs to: LightningCLI's ``fit`` for phase configs, else its file name."""
     return "fit" if "trainer" in yaml.safe_load(config.read_text()) else config.stem
 
 
 def test_every_config_has_a_command():
-    assert {command(c) for c in CONFIGS} == {"fit", "fuse", "pipeline"}
-    assert len(CONFIGS) >= 9
+    assert {command(c) for c in CONFIGS if c != GRID} == {"fit", "fuse", "pipeline"}
+    assert len(CONFIGS) >= 12
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_the_grid_file_parses_and_validates():
+    from omni_lightning.app.grid import GridConfig
+
+    grid = GridConfig.load(GRID)
+    grid.validate(["image", "video", "document", "audio"])
+    assert grid.split == "diag" and set(grid.axes) == {"audio", "vision"}
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != GRID],
+                         ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_config_parses(config, capsys):
     cmd = command(config)
     with pytest.raises(SystemExit) as exc:

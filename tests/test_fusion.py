@@ -1003,3 +1003,21 @@ def test_coefficients_that_overflow_the_output_dtype_are_an_error(tmp_path):
     with pytest.raises(FusionError, match=r"model\.layers\.0\.mlp\.bias has \d+ non-finite values in F16"):
         run(b, dirs, tmp_path / "out", alpha=[1e6, 1e6, 1e6])
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_safetensors_header_of_length_128_is_not_taken_for_a_pickle(tmp_path):
+    """The header length's first byte can be 0x80, the pickle opcode: the JSON that follows tells them apart."""
+    from omni_lightning.fusion import read_header
+
+    for pad in range(0, 200):  # find a header whose length is exactly 128
+        t = {"w" + "x" * pad: torch.zeros(2)}
+        save_file(t, str(tmp_path / "m.safetensors"))
+        if (tmp_path / "m.safetensors").read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.skip("no header of length 128 found")
+    header, start = read_header(tmp_path / "m.safetensors")
+    assert start == 8 + 128 and len([k for k in header if k != "__metadata__"]) == 1
+    torch.save({"w": torch.zeros(2)}, tmp_path / "p.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(FusionError, match="pickle"):
+        read_header(tmp_path / "p.bin")

@@ -45,18 +45,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import mteb
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
-
-import mteb
 from mteb.abstasks import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from mteb.models.modality_collators import AudioCollator, VideoCollator
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
+from tqdm.auto import tqdm
 
 from omni_lightning.evaluation.retrieval import load_split
 from omni_lightning.utils import atomic_write_text

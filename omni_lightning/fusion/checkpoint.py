@@ -70,15 +70,18 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header: (header dict, byte offset of the data). Clear errors for anything else."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        head = f.read(9)
+        # a zip (torch.save) or a raw pickle (0x80, protocol 2-5); a safetensors header whose length byte is 0x80
+        # is told apart by the '{' that opens its JSON right after the 8-byte length
+        if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{"):
             raise FusionError(f"{path} is a pickle / torch.save archive, not safetensors; pickle weights are refused "
                               "(convert them to safetensors first)")
         if len(head) < 8:
             raise FusionError(f"{path} is not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n == 0 or n > 100_000_000 or 8 + n > size:
             raise FusionError(f"{path} is not a safetensors file (bad header length {n})")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import PretrainedConfig
+
 FORMAT = "omni-lightning/1"
 CONFIG_NAME = "omni_config.json"
 
@@ -130,3 +132,30 @@ class OmniConfig:
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------- transformers' form
+MODEL_TYPE = "omni_embedder"
+HF_CONFIG_NAME = "config.json"
+
+
+class OmniEmbedderConfig(PretrainedConfig):
+    """The omni config (``omni``: the dict of :class:`OmniConfig`) as a transformers config."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, omni: dict[str, Any] | None = None, **kwargs) -> None:
+        self.omni = dict(omni or {})
+        text = (self.omni.get("backbone") or {}).get("text_config") or {}
+        if "hidden_size" in text:
+            kwargs.setdefault("hidden_size", int(text["hidden_size"]))
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_omni(cls, config: OmniConfig) -> "OmniEmbedderConfig":
+        return cls(omni=config.to_dict(), architectures=["OmniEmbedderModel"])
+
+
+def write_hf_config(directory: str | Path, config: OmniConfig) -> None:
+    """``config.json`` (model type ``omni_embedder``) beside ``omni_config.json``."""
+    OmniEmbedderConfig.from_omni(config).to_json_file(str(Path(directory) / HF_CONFIG_NAME))

@@ -26,39 +26,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import ModelOutput
 
-from omni_lightning.model.config import CONFIG_NAME, OmniConfig
+from omni_lightning.model.config import (
+    CONFIG_NAME,
+    HF_CONFIG_NAME,
+    MODEL_TYPE,
+    OmniConfig,
+    OmniEmbedderConfig,
+    write_hf_config,
+)
+from omni_lightning.model.omni import OmniEmbedder, check_local_dir
+from omni_lightning.model.processor import OmniProcessor
 
-MODEL_TYPE = "omni_embedder"
-HF_CONFIG_NAME = "config.json"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 _BACKBONE_PROCESSORS = {"qwen3_vl": "Qwen3VLProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
-
-
-class OmniEmbedderConfig(PretrainedConfig):
-    """The omni config (``omni``: the dict of :class:`OmniConfig`) as a transformers config."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, omni: dict[str, Any] | None = None, **kwargs) -> None:
-        self.omni = dict(omni or {})
-        text = (self.omni.get("backbone") or {}).get("text_config") or {}
-        if "hidden_size" in text:
-            kwargs.setdefault("hidden_size", int(text["hidden_size"]))
-        super().__init__(**kwargs)
-
-    @classmethod
-    def from_omni(cls, config: OmniConfig) -> "OmniEmbedderConfig":
-        return cls(omni=config.to_dict(), architectures=["OmniEmbedderModel"])
-
-
-def write_hf_config(directory: str | Path, config: OmniConfig) -> None:
-    """``config.json`` (model type ``omni_embedder``) beside ``omni_config.json``."""
-    OmniEmbedderConfig.from_omni(config).to_json_file(str(Path(directory) / HF_CONFIG_NAME))
 
 
 @dataclass
@@ -78,8 +63,6 @@ class OmniEmbedderModel(PreTrainedModel):
     supports_gradient_checkpointing = False
 
     def __init__(self, config: OmniEmbedderConfig, embedder=None) -> None:
-        from omni_lightning.model.omni import OmniEmbedder
-
         super().__init__(config)
         if embedder is None:
             if not config.omni:
@@ -102,8 +85,6 @@ class OmniEmbedderModel(PreTrainedModel):
                         dtype: Any = None, torch_dtype: Any = None, device_map: Any = None, **kwargs):
         """Load a local model directory with our own loader (safetensors, bit-exact); ``dtype`` and a single-device
         ``device_map`` are honoured, hub options are ignored (nothing is ever downloaded)."""
-        from omni_lightning.model.omni import OmniEmbedder, check_local_dir
-
         directory = check_local_dir(pretrained_model_name_or_path, "model directory")
         dtype = dtype if dtype is not None else torch_dtype
         if isinstance(dtype, str) and dtype != "auto":
@@ -160,8 +141,6 @@ class OmniEmbedderProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "OmniEmbedderProcessor":
         import transformers
 
-        from omni_lightning.model.omni import check_local_dir
-        from omni_lightning.model.processor import OmniProcessor
 
         directory = check_local_dir(pretrained_model_name_or_path, "model directory")
         config = OmniConfig.load(directory)
@@ -234,5 +213,5 @@ def register() -> None:
     AutoProcessor.register(OmniEmbedderConfig, OmniEmbedderProcessor, exist_ok=True)
 
 
-__all__ = ["MODEL_TYPE", "OmniEmbedderConfig", "OmniEmbedderModel", "OmniEmbedderOutput", "OmniEmbedderProcessor",
+__all__ = ["HF_CONFIG_NAME", "MODEL_TYPE", "OmniEmbedderConfig", "OmniEmbedderModel", "OmniEmbedderOutput", "OmniEmbedderProcessor",
            "mark_processor_class", "register", "write_hf_config"]

@@ -38,6 +38,7 @@ from omni_lightning.model.config import (
     PART_PREFIXES,
     OmniConfig,
     expand_parts,
+    write_hf_config,
 )
 from omni_lightning.model.processor import OmniProcessor
 
@@ -210,8 +211,6 @@ class OmniEmbedder(nn.Module):
                 index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
                 (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
             self.config.save(tmp)
-            from omni_lightning.model.hf import write_hf_config
-
             write_hf_config(tmp, self.config)  # config.json: AutoModel.from_pretrained(directory) works
             if processor is not None:
                 processor.save_pretrained(tmp)
