@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import subprocess
 import sys
@@ -378,3 +379,19 @@ def test_assemble_uses_the_checkpoint_chat_template(tmp_path):
     assert proc.tokenizer.decode(batch["input_ids"][0]).startswith("<|im_start|>system\nFind the sound.<|im_end|>")
     out = init_model(tmp_path / "forced", backbone=str(vlm_dir), audio_encoder=str(w_dir), prompt_format="template")
     assert OmniConfig.load(out).prompt_format == "template"
+
+
+def test_saving_a_model_folder_sweeps_a_killed_save_and_follows_the_umask(tiny, tmp_path):
+    """A killed save leaves `.<name>.tmp-*` beside the folder: the next save removes it; the folder is not 0700."""
+    model, processor = tiny
+    out = tmp_path / "m"
+    stale = tmp_path / ".m.tmp-dead01"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(out, processor=processor)
+    finally:
+        os.umask(old)
+    assert not stale.exists() and (out / "model.safetensors").is_file()
+    assert out.stat().st_mode & 0o777 == 0o755

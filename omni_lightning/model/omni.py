@@ -41,6 +41,7 @@ from omni_lightning.model.config import (
     write_hf_config,
 )
 from omni_lightning.model.processor import OmniProcessor
+from omni_lightning.utils import dir_mode, lock_output, remove_leftovers, unlock_output
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -194,12 +195,24 @@ class OmniEmbedder(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path, processor=None, max_shard_size: str | int = "2GB") -> Path:
-        """Write config, safetensors weights (sharded above ``max_shard_size``) and processor files atomically."""
-        from huggingface_hub import split_torch_state_dict_into_shards
-
+        """Write config, safetensors weights (sharded above ``max_shard_size``) and processor files atomically: into a
+        temporary folder beside ``directory``, renamed into place at the end, under the output's lock (a concurrent
+        save to the same folder is refused; what a killed save left beside it is removed first). The folder follows
+        the user's umask."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_output(directory)
+        try:
+            remove_leftovers(directory)
+            return self._save_into(directory, processor, max_shard_size)
+        finally:
+            unlock_output(lock)
+
+    def _save_into(self, directory: Path, processor, max_shard_size: str | int) -> Path:
+        from huggingface_hub import split_torch_state_dict_into_shards
+
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        os.chmod(tmp, dir_mode())  # not mkdtemp's 0700: a model folder is for sharing
         try:
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             split = split_torch_state_dict_into_shards(
