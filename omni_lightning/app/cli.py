@@ -71,7 +71,8 @@ def _quiet() -> None:
 # ---------------------------------------------------------------------------------------------- subcommands
 def init_model(out: str, preset: Literal["tiny", "small"] = "tiny", backbone: str | None = None,
                audio_encoder: str | None = None, seed: int = 0,
-               dtype: Literal["float32", "bfloat16", "float16"] | None = None, overwrite: bool = False) -> int:
+               dtype: Literal["float32", "bfloat16", "float16"] | None = None, overwrite: bool = False,
+               prompt_format: Literal["template", "chat"] | None = None) -> int:
     """Write a model directory: an embedded preset, or an assembly of local checkpoints.
 
     Args:
@@ -82,10 +83,12 @@ def init_model(out: str, preset: Literal["tiny", "small"] = "tiny", backbone: st
         seed: seed of the random weights.
         dtype: dtype of assembled weights.
         overwrite: replace an existing directory.
+        prompt_format: chat (the backbone's chat template) or template (ours); default: chat when an assembled
+            backbone ships a chat template, else template.
     """
     vocabulary = None if backbone or audio_encoder else demo_vocabulary()
     path = build(out, preset=preset, backbone=backbone, audio_encoder=audio_encoder, seed=seed, overwrite=overwrite,
-                 dtype=dtype, vocabulary=vocabulary)
+                 dtype=dtype, vocabulary=vocabulary, prompt_format=prompt_format)
     print(f"wrote model directory {path}")
     return 0
 
